@@ -1,0 +1,22 @@
+# Two commands on a fresh machine (see README):  make install  &&  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test lint protos
+
+install:  ## virtualenv with the server and dev extras, then the colour-kernel plugin
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
+	$(BIN)/augsvc build-kernels
+
+test: lint  ## ruff, then pytest (exit code 5, "no tests collected", is reported, not hidden)
+	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+lint:
+	$(BIN)/ruff check .
+
+protos:  ## regenerate augsvc/_proto from protos/
+	$(BIN)/python scripts/gen_protos.py

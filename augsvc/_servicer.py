@@ -1,0 +1,449 @@
+"""The `augsvc.v1.Augment` servicer, its pipeline pool and the bearer-token check.
+
+A StreamBatches call is validated completely before any work starts; every failure is
+a gRPC status whose message says what to fix. Then a producer thread runs the
+batches through a pooled `Augmenter` into a queue of `prefetch` finished batches while
+the handler thread sends the current one; the queue bound and gRPC flow control (the
+handler blocks while the client is slow) bound the memory a stream holds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from augsvc import wire
+from augsvc._proto import augment_pb2 as pb
+from augsvc._proto import augment_pb2_grpc as pb_grpc
+from augsvc.dataset import DatasetIndex
+from augsvc.engine import AugmentedBatch, Augmenter
+from augsvc.protocol import (
+    RequestError,
+    SpecError,
+    StreamRequest,
+    dataset_info,
+    dataset_summary,
+)
+from augsvc.sampling import EpochPlan
+from augsvc.spec import AugmentSpec
+from augsvc.stats import DatasetStats
+
+__all__ = ["AugmentServicer", "Catalog", "DatasetEntry", "PipelinePool", "TokenInterceptor"]
+
+log = logging.getLogger("augsvc.server")
+
+MAX_DETAILS = 2000  # characters of an exception message sent back in an INTERNAL status
+_POLL = 0.2  # seconds between checks for a cancelled stream while waiting
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A served dataset: its index and the statistics sources available for it."""
+
+    name: str
+    index: DatasetIndex
+    stats: Mapping[str, DatasetStats]  # source ("dataset", "imagenet") -> stats
+    missing_stats: Mapping[str, str]  # source -> why it is not available
+
+
+Catalog = Mapping[str, DatasetEntry]
+
+
+class _Abort(Exception):
+    """End the call with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+# ---------------------------------------------------------------------------
+# pipelines
+
+
+PoolKey = tuple[str, AugmentSpec, str, int]
+
+
+class PipelinePool:
+    """Idle `Augmenter`s keyed by (dataset, spec, device, max batch size), reused by streams.
+
+    `acquire` hands a pipeline to one stream exclusively (building one when none is
+    idle); `release` returns it. At most `max_idle` idle pipelines are kept (least
+    recently used dropped first). Max batch sizes are rounded up to a power of two
+    (capped at the server's limit) so nearby batch sizes share pipelines.
+    """
+
+    def __init__(self, *, device: str, device_id: int, dali_threads: int, io_threads: int,
+                 max_idle: int, max_batch_size: int = 1 << 30) -> None:
+        self.device, self.device_id = device, device_id
+        self.dali_threads, self.io_threads = dali_threads, io_threads
+        self.max_idle, self.max_batch_size = max_idle, max_batch_size
+        self._idle: list[tuple[PoolKey, Augmenter]] = []  # oldest first
+        self._lock = threading.Lock()
+        self._closed = False
+        self.built = 0  # pipelines built so far (for tests and logs)
+
+    def acquire(self, entry: DatasetEntry, spec: AugmentSpec, stats: DatasetStats,
+                batch_size: int) -> tuple[PoolKey, Augmenter]:
+        """An idle pipeline for these arguments, or a new one (~0.3 s to build)."""
+        cap = min(1 << (batch_size - 1).bit_length(), max(batch_size, self.max_batch_size))
+        key: PoolKey = (entry.name, spec, self.device, cap)
+        with self._lock:
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i][0] == key:
+                    return self._idle.pop(i)
+        started = time.monotonic()
+        augmenter = Augmenter(
+            entry.index, spec, stats, max_batch_size=cap, device=self.device,
+            num_threads=self.dali_threads, io_threads=self.io_threads,
+            device_id=self.device_id if self.device == "gpu" else None,
+        )
+        with self._lock:
+            self.built += 1
+        log.debug("built a %s pipeline for %s (max batch %d) in %.2f s", self.device,
+                  entry.name, cap, time.monotonic() - started)
+        return key, augmenter
+
+    def release(self, key: PoolKey, augmenter: Augmenter) -> None:
+        """Give a pipeline back for reuse."""
+        with self._lock:
+            if self._closed:
+                evicted = [augmenter]
+            else:
+                self._idle.append((key, augmenter))
+                evicted = [a for _, a in self._idle[: max(0, len(self._idle) - self.max_idle)]]
+                del self._idle[: len(evicted)]
+        for a in evicted:
+            a.close()
+
+    def close(self) -> None:
+        """Drop every idle pipeline; later releases close theirs."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for _, a in idle:
+            a.close()
+
+
+# ---------------------------------------------------------------------------
+# streams
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated StreamBatches call."""
+
+    request: StreamRequest
+    entry: DatasetEntry
+    stats: DatasetStats
+    plan: EpochPlan
+    batches: tuple[int, ...]
+    chunk_bytes: int
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _Producer:
+    """Runs a job's batches on a pooled pipeline into a bounded queue (one thread)."""
+
+    def __init__(self, pool: PipelinePool, job: _Job, depth: int,
+                 threads: set[threading.Thread]) -> None:
+        self._pool, self._job, self._threads = pool, job, threads
+        self._queue: queue.Queue[tuple[int, AugmentedBatch] | _Failure] = queue.Queue(depth)
+        self.cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="augsvc-producer", daemon=True)
+
+    def start(self) -> None:
+        self._threads.add(self._thread)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def get(self) -> tuple[int, AugmentedBatch] | None:
+        """The next finished batch; None once cancelled; re-raises the producer's error."""
+        while not self.cancelled.is_set():
+            try:
+                item = self._queue.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            if isinstance(item, _Failure):
+                raise item.exc
+            return item
+        return None
+
+    def _put(self, item: tuple[int, AugmentedBatch] | _Failure) -> bool:
+        while not self.cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        job, request = self._job, self._job.request
+        try:
+            try:
+                key, augmenter = self._pool.acquire(job.entry, request.spec, job.stats,
+                                                    request.batch_size)
+            except Exception as exc:
+                self._put(_Failure(exc))
+                return
+            reusable = True
+            try:
+                for k in job.batches:
+                    if self.cancelled.is_set():
+                        return
+                    result = augmenter.run_batch(request.seed, request.epoch, job.plan.batch(k))
+                    if not self._put((k, result)):
+                        return
+            except Exception as exc:
+                reusable = False  # a pipeline that failed unexpectedly is not trusted again
+                self._put(_Failure(exc))
+            finally:
+                if reusable:
+                    self._pool.release(key, augmenter)
+                else:
+                    augmenter.close()
+        finally:
+            self._threads.discard(self._thread)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
+class AugmentServicer(pb_grpc.AugmentServicer):
+    """ListDatasets, GetDataset and StreamBatches over a catalog (register with
+    `augsvc.wire.add_augment_servicer`: StreamBatches yields pre-encoded frames)."""
+
+    def __init__(self, catalog: Catalog, pool: PipelinePool, *, max_streams: int,
+                 max_batch_size: int, prefetch: int) -> None:
+        self.catalog, self.pool = catalog, pool
+        self.max_streams, self.max_batch_size, self.prefetch = (
+            max_streams, max_batch_size, prefetch)
+        pool.max_batch_size = max_batch_size
+        self._cond = threading.Condition()
+        self._active = 0
+        self._refusing = False
+        self._force = threading.Event()
+        self._producers: set[threading.Thread] = set()
+
+    # --- unary calls
+
+    def ListDatasets(self, request: pb.ListDatasetsRequest,
+                     context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
+        return pb.ListDatasetsResponse(datasets=[
+            dataset_summary(e.name, len(e.index), len(e.index.classes))
+            for e in self.catalog.values()
+        ])
+
+    def GetDataset(self, request: pb.GetDatasetRequest,
+                   context: grpc.ServicerContext) -> pb.DatasetInfo:
+        try:
+            entry = self._entry(request.name, "GetDatasetRequest.name")
+            source = request.stats or ("dataset" if "dataset" in entry.stats else "imagenet")
+            stats = self._stats(entry, source, "GetDatasetRequest.stats")
+        except _Abort as abort:
+            context.abort(abort.code, abort.details)
+        index = entry.index
+        return dataset_info(entry.name, len(index), index.classes, stats,
+                            num_rejected=len(index.rejected), stats_sources=entry.stats)
+
+    def _entry(self, name: str, field: str) -> DatasetEntry:
+        entry = self.catalog.get(name)
+        if entry is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND,
+                         f"{field}: unknown dataset {name!r}; this server has: "
+                         f"{', '.join(self.catalog) or '(none)'}")
+        return entry
+
+    def _stats(self, entry: DatasetEntry, source: str, field: str) -> DatasetStats:
+        stats = entry.stats.get(source)
+        if stats is not None:
+            return stats
+        if source in entry.missing_stats:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"{field}: no {source!r} statistics for dataset {entry.name!r}: "
+                         f"{entry.missing_stats[source]} on the server, then restart it; "
+                         f"or use stats 'imagenet'")
+        raise _Abort(grpc.StatusCode.NOT_FOUND,
+                     f"{field}: unknown statistics source {source!r}; dataset {entry.name!r} "
+                     f"has: {', '.join(entry.stats)}")
+
+    # --- streams
+
+    def StreamBatches(self, request: pb.StreamBatchesRequest,
+                      context: grpc.ServicerContext) -> Iterator[bytes]:
+        started = time.monotonic()
+        try:
+            job = self._validate(request)
+            release = self._take_slot()
+        except _Abort as abort:
+            log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
+                     abort.details)
+            context.abort(abort.code, abort.details)
+        context.add_callback(release)
+        producer = _Producer(self.pool, job, self.prefetch, self._producers)
+        context.add_callback(producer.cancel)
+        request_ = job.request
+        sent = 0
+        try:
+            producer.start()
+            for _ in job.batches:
+                item = producer.get()
+                if item is None:  # the call was cancelled or the server stopped
+                    log.info("stream from %s cancelled after %d batch(es)", context.peer(), sent)
+                    return
+                k, result = item
+                yield from wire.encode_batch(
+                    result.images, batch_index=k, layout=request_.spec.layout,
+                    labels=result.labels, sample_ids=result.sample_ids,
+                    draw_ids=result.draw_ids, dropped=result.dropped,
+                    chunk_bytes=job.chunk_bytes,
+                )
+                sent += 1
+        except Exception as exc:
+            log.exception("stream from %s failed at batch %d of %d (dataset %s)",
+                          context.peer(), sent, len(job.batches), request_.dataset)
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"{type(exc).__name__}: {exc}"[:MAX_DETAILS])
+        finally:
+            producer.cancel()
+            release()
+        elapsed = time.monotonic() - started
+        log.info("stream from %s: %s, %d batch(es) of %d in %.2f s", context.peer(),
+                 request_.dataset, sent, request_.batch_size, elapsed)
+
+    def _validate(self, request: pb.StreamBatchesRequest) -> _Job:
+        """The call's job, or _Abort with the status that tells the client what to fix."""
+        if self._refusing:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                         "the server is shutting down; retry on another server")
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        try:
+            req = StreamRequest.from_proto(request)
+        except (SpecError, RequestError) as exc:
+            raise _Abort(invalid, str(exc)) from None
+        entry = self._entry(req.dataset, "StreamBatchesRequest.dataset")
+        if req.batch_size > self.max_batch_size:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"StreamBatchesRequest.batch_size: {req.batch_size} is over this "
+                         f"server's limit of {self.max_batch_size}; use smaller batches "
+                         f"(or start the server with a larger --max-batch-size)")
+        stats = self._stats(entry, req.spec.stats, "AugmentSpec.stats")
+        index = entry.index
+        try:
+            plan = EpochPlan(len(index), req.batch_size, req.seed, req.epoch, req.rank,
+                             req.world_size, req.tail, index.labels, req.balance)
+        except ValueError as exc:
+            raise _Abort(invalid, f"StreamBatchesRequest: {exc} (dataset {entry.name!r} "
+                         f"has {len(index)} samples)") from None
+        batches = req.batches or tuple(range(len(plan)))
+        bad = [b for b in batches if b >= len(plan)]
+        if bad:
+            raise _Abort(invalid, f"StreamBatchesRequest.batches: batch {bad[0]} is out of "
+                         f"range; rank {req.rank} of {req.world_size} has {len(plan)} "
+                         f"batch(es) of {req.batch_size} in dataset {entry.name!r} "
+                         f"(valid: 0..{len(plan) - 1})")
+        return _Job(req, entry, stats, plan, batches, wire.resolve_chunk_bytes(req.chunk_bytes))
+
+    def _take_slot(self) -> Callable[[], None]:
+        """Count the stream against --max-streams; a once-only release function."""
+        with self._cond:
+            if self._refusing:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                             "the server is shutting down; retry on another server")
+            if self._active >= self.max_streams:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"too many concurrent streams: this server process runs at most "
+                             f"{self.max_streams}; retry later, use another server, or raise "
+                             f"its --max-streams")
+            self._active += 1
+        released = threading.Lock()
+
+        def release() -> None:
+            if released.acquire(blocking=False):
+                with self._cond:
+                    self._active -= 1
+                    self._cond.notify_all()
+
+        return release
+
+    # --- shutdown
+
+    @property
+    def active_streams(self) -> int:
+        return self._active
+
+    def refuse_new_streams(self) -> None:
+        """New StreamBatches calls fail with UNAVAILABLE from now on."""
+        with self._cond:
+            self._refusing = True
+
+    def force_drain(self) -> None:
+        """Make a running `drain` return now."""
+        self._force.set()
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` s for running streams to end; how many are still running."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._active and not self._force.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, _POLL))
+            return self._active
+
+    def join_streams(self, timeout: float) -> None:
+        """Wait for the producer threads of ended streams to let go of their pipelines."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._producers):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
+# authentication
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """`augsvc.v1.Augment` calls need metadata `authorization: Bearer <token>`
+    (UNAUTHENTICATED otherwise); other services (health, reflection) stay open."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+        self._prefix = f"/{wire.SERVICE_NAME}/"
+
+    def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201 - grpc API
+        if not details.method.startswith(self._prefix):
+            return continuation(details)
+        values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        if not values:
+            return _deny(details.method, "missing credentials: send metadata "
+                         "'authorization: Bearer <token>' with the server's token")
+        scheme, _, given = str(values[0]).partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+            return continuation(details)
+        return _deny(details.method, "invalid credentials: the bearer token in "
+                     "'authorization' metadata does not match the server's token")
+
+
+def _deny(method: str, message: str) -> grpc.RpcMethodHandler:
+    def abort(request: bytes, context: grpc.ServicerContext) -> None:
+        log.info("unauthenticated call to %s from %s", method, context.peer())
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if method == wire.STREAM_BATCHES_METHOD:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)

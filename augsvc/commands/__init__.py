@@ -1,0 +1,1 @@
+"""Subcommands of the `augsvc` CLI, one module each (see `augsvc.cli`)."""

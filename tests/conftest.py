@@ -1,0 +1,45 @@
+"""Shared fixtures: small synthetic datasets of real JPEGs (made by `augsvc.synth`).
+
+* `jpeg_folder` (session): `root/class_00..class_02/img_0000..0003.jpg`, 12 photo-like
+  JPEGs around 500x375 (two of them portrait), ~40 KB each, made once per test run
+  (~0.3 s). Shared by every test: do not add, remove or edit files in it (opening it
+  with `open_dataset` is fine: it only writes the index cache); use `tmp_dataset`
+  for a dataset a test changes.
+* `tmp_dataset` (function): a factory `tmp_dataset(**kwargs) -> Path` writing a fresh
+  folder under the test's `tmp_path` per call; kwargs go to `synth.make_dataset`
+  (defaults here: 2 classes x 3 images of 96x128, for speed).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from augsvc.synth import make_dataset
+
+JPEG_FOLDER_CLASSES = 3
+JPEG_FOLDER_PER_CLASS = 4
+
+
+@pytest.fixture(scope="session")
+def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shared, read-only-by-convention image folder: 3 classes x 4 JPEGs (see module doc)."""
+    root = tmp_path_factory.mktemp("jpeg_folder")
+    return make_dataset(root, num_classes=JPEG_FOLDER_CLASSES, per_class=JPEG_FOLDER_PER_CLASS)
+
+
+@pytest.fixture
+def tmp_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Factory for fresh, mutable image folders under `tmp_path` (see module doc)."""
+    counter = itertools.count()
+
+    def make(**kwargs: Any) -> Path:
+        options: dict[str, Any] = {"num_classes": 2, "per_class": 3, "size": (96, 128)}
+        options.update(kwargs)
+        return make_dataset(tmp_path / f"dataset_{next(counter)}", **options)
+
+    return make
