@@ -26,13 +26,13 @@ from augsvc.dataset import DatasetIndex
 from augsvc.engine import AugmentedBatch, Augmenter
 from augsvc.protocol import (
     RequestError,
-    SpecError,
     StreamRequest,
     dataset_info,
     dataset_summary,
+    select_stats_source,
 )
 from augsvc.sampling import EpochPlan
-from augsvc.spec import AugmentSpec
+from augsvc.spec import AugmentSpec, SpecError
 from augsvc.stats import DatasetStats
 
 __all__ = ["AugmentServicer", "Catalog", "DatasetEntry", "PipelinePool", "TokenInterceptor"]
@@ -252,12 +252,18 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                    context: grpc.ServicerContext) -> pb.DatasetInfo:
         try:
             entry = self._entry(request.name, "GetDatasetRequest.name")
-            source = request.stats or ("dataset" if "dataset" in entry.stats else "imagenet")
-            stats = self._stats(entry, source, "GetDatasetRequest.stats")
+            try:
+                source = select_stats_source(request.stats, entry.stats)
+            except LookupError as exc:
+                hint = entry.missing_stats.get(request.stats, "")
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"GetDatasetRequest.stats: {exc}"
+                             f"{'; ' + hint if hint else ''}") from None
+            except ValueError as exc:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except _Abort as abort:
             context.abort(abort.code, abort.details)
         index = entry.index
-        return dataset_info(entry.name, len(index), index.classes, stats,
+        return dataset_info(entry.name, len(index), index.classes, entry.stats[source], source,
                             num_rejected=len(index.rejected), stats_sources=entry.stats)
 
     def _entry(self, name: str, field: str) -> DatasetEntry:
@@ -268,18 +274,17 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                          f"{', '.join(self.catalog) or '(none)'}")
         return entry
 
-    def _stats(self, entry: DatasetEntry, source: str, field: str) -> DatasetStats:
+    @staticmethod
+    def _stats(entry: DatasetEntry, source: str) -> DatasetStats:
+        """The statistics a spec names (AugmentSpec.stats, already validated)."""
         stats = entry.stats.get(source)
-        if stats is not None:
-            return stats
-        if source in entry.missing_stats:
+        if stats is None:
+            why = entry.missing_stats.get(source, "not available")
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"{field}: no {source!r} statistics for dataset {entry.name!r}: "
-                         f"{entry.missing_stats[source]} on the server, then restart it; "
+                         f"AugmentSpec.stats: no {source!r} statistics for dataset "
+                         f"{entry.name!r} on this server: {why}, then restart the server; "
                          f"or use stats 'imagenet'")
-        raise _Abort(grpc.StatusCode.NOT_FOUND,
-                     f"{field}: unknown statistics source {source!r}; dataset {entry.name!r} "
-                     f"has: {', '.join(entry.stats)}")
+        return stats
 
     # --- streams
 
@@ -293,37 +298,46 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
                      abort.details)
             context.abort(abort.code, abort.details)
-        context.add_callback(release)
+        # The slot is freed when the call ends, not when this generator returns: the
+        # last batches may still be buffered for a slow client, and a draining server
+        # must wait for them to be delivered.
+        if not context.add_callback(release):
+            release()
         producer = _Producer(self.pool, job, self.prefetch, self._producers)
         context.add_callback(producer.cancel)
-        request_ = job.request
-        sent = 0
+        req, peer = job.request, context.peer()
+        progress = {"sent": 0, "failed": False}
+
+        def finished() -> None:
+            sent, total = progress["sent"], len(job.batches)
+            outcome = ("failed" if progress["failed"] else "cancelled" if sent < total
+                       else "done")
+            log.info("stream from %s %s: %s, %d of %d batch(es) of %d in %.2f s", peer,
+                     outcome, req.dataset, sent, total, req.batch_size,
+                     time.monotonic() - started)
+
+        context.add_callback(finished)
         try:
             producer.start()
             for _ in job.batches:
                 item = producer.get()
                 if item is None:  # the call was cancelled or the server stopped
-                    log.info("stream from %s cancelled after %d batch(es)", context.peer(), sent)
                     return
                 k, result = item
                 yield from wire.encode_batch(
-                    result.images, batch_index=k, layout=request_.spec.layout,
+                    result.images, batch_index=k, layout=req.spec.layout,
                     labels=result.labels, sample_ids=result.sample_ids,
                     draw_ids=result.draw_ids, dropped=result.dropped,
                     chunk_bytes=job.chunk_bytes,
                 )
-                sent += 1
+                progress["sent"] += 1
         except Exception as exc:
-            log.exception("stream from %s failed at batch %d of %d (dataset %s)",
-                          context.peer(), sent, len(job.batches), request_.dataset)
-            context.abort(grpc.StatusCode.INTERNAL,
-                          f"{type(exc).__name__}: {exc}"[:MAX_DETAILS])
+            progress["failed"] = True
+            log.exception("stream from %s failed at batch %d of %d (dataset %s)", peer,
+                          progress["sent"], len(job.batches), req.dataset)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:MAX_DETAILS])
         finally:
             producer.cancel()
-            release()
-        elapsed = time.monotonic() - started
-        log.info("stream from %s: %s, %d batch(es) of %d in %.2f s", context.peer(),
-                 request_.dataset, sent, request_.batch_size, elapsed)
 
     def _validate(self, request: pb.StreamBatchesRequest) -> _Job:
         """The call's job, or _Abort with the status that tells the client what to fix."""
@@ -341,7 +355,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                          f"StreamBatchesRequest.batch_size: {req.batch_size} is over this "
                          f"server's limit of {self.max_batch_size}; use smaller batches "
                          f"(or start the server with a larger --max-batch-size)")
-        stats = self._stats(entry, req.spec.stats, "AugmentSpec.stats")
+        stats = self._stats(entry, req.spec.stats)
         index = entry.index
         try:
             plan = EpochPlan(len(index), req.batch_size, req.seed, req.epoch, req.rank,
@@ -425,7 +439,11 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._token = token.encode()
         self._prefix = f"/{wire.SERVICE_NAME}/"
 
-    def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201 - grpc API
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         if not details.method.startswith(self._prefix):
             return continuation(details)
         values = [v for k, v in details.invocation_metadata or () if k == "authorization"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import random
 import threading
 import time
@@ -36,6 +37,8 @@ from augsvc import wire
 from augsvc._proto import augment_pb2 as pb
 
 __all__ = ["FATAL_CODES", "AugsvcError", "Fetcher", "ServerPool"]
+
+log = logging.getLogger("augsvc.client")
 
 # Statuses a retry on another stream or server cannot fix: fail at once.
 FATAL_CODES = frozenset({
@@ -121,6 +124,9 @@ class Server:
             self.failures += 1
             self.last_error = reason
             if self.failures > self.max_retries:
+                if not self.dead:
+                    log.error("augsvc server %s given up after %d failures in a row: %s",
+                              self.target, self.failures, reason)
                 self.dead = True
                 return None
             delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
@@ -309,6 +315,16 @@ class Stream(threading.Thread):
         finally:
             f.schedule.stream_exited(f.no_server_left)
 
+    def _failed(self, unfinished: list[int], reason: str) -> float | None:
+        """Hand the unfinished batches back and count the failure against the server."""
+        if not unfinished:  # every batch arrived: the next call will tell if the server is gone
+            log.info("stream %s ended with %s after its last batch", self.name, reason)
+            return None
+        log.warning("stream %s failed (%s); batch(es) %s handed back for another stream",
+                    self.name, reason, [self.fetcher.order[p] for p in unfinished])
+        self.fetcher.schedule.requeue(unfinished)
+        return self.server.failed(reason)
+
     def _fetch(self, stub: wire.AugmentStub, group: list[int]) -> float | None:
         """Fetch one group; a back-off delay after a retryable failure, else None."""
         f = self.fetcher
@@ -341,21 +357,18 @@ class Stream(threading.Thread):
                                      f"of {len(group)} batches")
             return None
         except grpc.RpcError as err:
-            f.schedule.requeue(unfinished)
-            if f.stop_event.is_set():
-                return None
             code, details = _status(err)
-            if code is grpc.StatusCode.CANCELLED and self._idle_cancelled:
-                reason = f"no data for {f.pool.timeout:g} s"
-            elif code in FATAL_CODES:
+            if f.stop_event.is_set():
+                f.schedule.requeue(unfinished)
+                return None
+            if code in FATAL_CODES:
                 f.schedule.fail(AugsvcError.from_rpc(err, self.server.target, "StreamBatches"))
                 return None
-            else:
-                reason = f"{code.name if code else 'UNKNOWN'}: {details}"
-            return self.server.failed(reason)
+            if code is grpc.StatusCode.CANCELLED and self._idle_cancelled:
+                return self._failed(unfinished, f"no data for {f.pool.timeout:g} s")
+            return self._failed(unfinished, f"{code.name if code else 'UNKNOWN'}: {details}")
         except wire.WireError as err:
-            f.schedule.requeue(unfinished)
-            return self.server.failed(f"broken stream: {err}")
+            return self._failed(unfinished, f"broken stream: {err}")
         finally:
             with self._lock:
                 self._call = None

@@ -2,9 +2,9 @@
 
 Parent (`Supervisor.run`):
 
-1. index the datasets once (`load_catalog`; the children inherit the index);
-2. reserve the port: a socket bound with `SO_REUSEPORT` (not listening) holds it, so
+1. reserve the port: a socket bound with `SO_REUSEPORT` (not listening) holds it, so
    `port=0` gives one ephemeral port that every worker binds too;
+2. index the datasets once (`load_catalog`; the children inherit the index);
 3. block SIGINT/SIGTERM (they are then consumed synchronously with `sigtimedwait`, no
    asynchronous handler) and fork the workers before any gRPC object exists;
 4. print the serving line once every worker listens;
@@ -65,7 +65,7 @@ def reserve_port(host: str, port: int) -> Iterator[tuple[socket.socket, int]]:
                 probe.bind(sockaddr)
             except OSError as exc:
                 why = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                raise OSError(exc.errno, f"cannot listen on {address(host, port)}: {why}") from None
+                raise OSError(f"cannot listen on {address(host, port)}: {why}") from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -79,8 +79,7 @@ def reserve_port(host: str, port: int) -> Iterator[tuple[socket.socket, int]]:
 class _Worker:
     slot: int
     process: multiprocessing.process.BaseProcess
-    conn: Connection  # ("ready", port) or ("error", message) from the worker
-    started: float
+    conn: Connection | None  # ("ready", port) or ("error", message); None once closed
     ready: bool = False
     error: str | None = None
 
@@ -97,8 +96,8 @@ class Supervisor:
 
     def run(self) -> int:
         config = self.config
-        catalog = load_catalog(config.datasets)
-        with reserve_port(config.host, config.port) as (sock, port):
+        with reserve_port(config.host, config.port) as (sock, port):  # fail fast: before indexing
+            catalog = load_catalog(config.datasets)
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
             try:
                 return self._supervise(catalog, sock, port)
@@ -121,14 +120,16 @@ class Supervisor:
                 stopping += 1
                 clean &= self._on_signal(signum, stopping)
                 deadline = time.monotonic() + config.grace + STOP_MARGIN
-            objects = [w.conn for w in self._workers] + [w.process.sentinel
-                                                        for w in self._workers]
+            objects = [w.conn for w in self._workers if w.conn is not None]
+            objects += [w.process.sentinel for w in self._workers]
             ready = set(wait(objects, timeout=_POLL))
             for w in list(self._workers):
-                if w.conn in ready:
+                if w.conn is not None and w.conn in ready:
                     self._read_message(w)
                 if w.process.sentinel in ready:
                     self._read_message(w)
+                    if w.conn is not None:
+                        w.conn.close()
                     w.process.join()
                     self._workers.remove(w)
                     code = w.process.exitcode
@@ -176,7 +177,11 @@ class Supervisor:
         while (info := signal.sigtimedwait(SIGNALS, 0)) is not None:
             yield info.si_signo
 
-    def _read_message(self, w: _Worker) -> None:
+    @staticmethod
+    def _read_message(w: _Worker) -> None:
+        """Take the worker's messages; close the pipe at its end (the worker closes it)."""
+        if w.conn is None:
+            return
         try:
             while w.conn.poll():
                 kind, value = w.conn.recv()
@@ -185,7 +190,8 @@ class Supervisor:
                 else:
                     w.error = value
         except (EOFError, OSError):
-            pass
+            w.conn.close()
+            w.conn = None
 
     def _restart(self, w: _Worker, code: int | None, catalog: Catalog,
                  sock: socket.socket, port: int) -> bool:
@@ -220,7 +226,7 @@ class Supervisor:
         sys.stderr.flush()
         process.start()  # SIGINT/SIGTERM are blocked here, and stay blocked in the child
         send.close()
-        self._workers.append(_Worker(slot, process, recv, time.monotonic()))
+        self._workers.append(_Worker(slot, process, recv))
 
     def _signal_all(self, signum: int) -> None:
         for w in self._workers:

@@ -390,7 +390,7 @@ class AugmentLoader:
 
     def _normalizer(self, images: Any) -> tuple[Any, Any]:
         """(1 / (255 std), mean / std) shaped for the layout; on the images' device."""
-        key = getattr(images, "device", None)
+        key = images.device if self.output == "torch" else None
         if key not in self._scale_shift:
             stats = self.dataset_info().stats
             mean = np.asarray(stats.mean, dtype=np.float64)

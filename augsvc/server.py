@@ -2,9 +2,9 @@
 
 Pieces, from the outside in:
 
-* `serve(config)`: what `augsvc serve` runs. The parent process indexes every dataset
-  once (`load_catalog`), reserves the port with an `SO_REUSEPORT` socket (so `port=0`
-  yields ONE ephemeral port for all workers), then forks `config.workers` worker
+* `serve(config)`: what `augsvc serve` runs. The parent process reserves the port with
+  an `SO_REUSEPORT` socket (so `port=0` yields ONE ephemeral port for all workers),
+  indexes every dataset once (`load_catalog`), then forks `config.workers` worker
   processes before any gRPC object exists; each worker runs an `AugmentServer` on the
   shared port with its own DALI pipelines. The parent supervises them (restarts a
   crashed worker, forwards SIGINT/SIGTERM, exits 0 after a graceful stop); see
@@ -22,7 +22,6 @@ survive a fork.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -141,12 +140,9 @@ def load_catalog(datasets: Mapping[str, str | os.PathLike[str]]) -> Catalog:
         stats, missing = {}, {}
         for source in STATS_SOURCES:
             try:
-                loaded = load_stats(index, source)
+                stats[source] = load_stats(index, source)
             except StatsError as exc:
                 missing[source] = str(exc)
-                continue
-            # the wire names the source ("dataset" / "imagenet"), not the description
-            stats[source] = dataclasses.replace(loaded, source=source)
         if "imagenet" not in stats:
             raise StatsError(f"dataset {name}: {missing['imagenet']}")
         for path_, reason in index.rejected[:3]:
@@ -200,16 +196,17 @@ class AugmentServer:
         self.servicer = AugmentServicer(self.catalog, self.pool, max_streams=config.max_streams,
                                         max_batch_size=config.max_batch_size,
                                         prefetch=config.prefetch)
-        self.health = health.HealthServicer(
-            experimental_non_blocking=True,
-            experimental_thread_pool=futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="augsvc-health"),
+        self._executors = (
+            futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),
+            futures.ThreadPoolExecutor(max_workers=config.max_streams + SPARE_THREADS,
+                                       thread_name_prefix="augsvc-rpc"),
         )
+        self.health = health.HealthServicer(
+            experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
         options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0)]
         interceptors = [TokenInterceptor(config.token)] if config.token else []
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_streams + SPARE_THREADS,
-                                       thread_name_prefix="augsvc-rpc"),
+            self._executors[1],
             options=options,
             interceptors=interceptors,
         )
@@ -264,6 +261,8 @@ class AugmentServer:
             self._server.stop(0).wait()
             self.servicer.join_streams(timeout=max(grace, 5.0))
             self.pool.close()
+            for executor in self._executors:
+                executor.shutdown(wait=False)
         finally:
             self._stopped.set()
 
@@ -287,7 +286,8 @@ def serve(config: ServerConfig) -> int:
     """Run the server (parent + worker processes) until SIGINT/SIGTERM; the exit code.
 
     Prints `augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)`
-    to stdout once every worker listens.
+    to stdout once every worker listens. It forks: call it from the main thread of a
+    process that has started no other threads, no gRPC server and no CUDA context.
     """
     from augsvc._workers import Supervisor
 

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "augsvc_color.h"
+#include "color_cpu.h"
 
 namespace augsvc {
 
@@ -27,8 +28,7 @@ void AugsvcColor<::dali::CPUBackend>::RunImpl(::dali::Workspace &ws) {
       const int64_t end = std::min(npix, start + kPixelsPerTask);
       tp.AddWork(
           [in, out, p, start, end](int) {
-            for (int64_t k = start; k < end; k++)
-              ColorPixel(in + 3 * k, out + 3 * k, *p);
+            ColorPixelsCpu(in + 3 * start, out + 3 * start, end - start, *p);
           },
           end - start);
     }

@@ -1,0 +1,101 @@
+"""The transport ceiling of `augsvc bench` (c): a bare gRPC stream of raw chunks.
+
+Server: `python -m augsvc._bare --payload-bytes N [--chunk-bytes C] [--port 0]` streams
+the same N-byte payload, cut into C-byte chunks, for as long as a client reads; no
+protobuf, no framing, no pipeline. Client: `receive(address, streams)` reads it on
+`streams` separate connections and yields once per payload received. Same message
+limits and chunk size as the real service (`augsvc.wire`), so the two compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+from augsvc import wire
+
+METHOD = "/augsvc.bench.Bare/Stream"
+
+
+def _handler(payload: bytes, chunk: int) -> grpc.GenericRpcHandler:
+    chunks = [payload[i : i + chunk] for i in range(0, len(payload), chunk)]
+
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        while context.is_active():
+            yield from chunks
+
+    method = grpc.unary_stream_rpc_method_handler(
+        stream, request_deserializer=None, response_serializer=None)
+    return grpc.method_handlers_generic_handler("augsvc.bench.Bare", {"Stream": method})
+
+
+def receive(address: str, streams: int, payload_bytes: int) -> Iterator[None]:
+    """Yield once per `payload_bytes` received over `streams` connections, forever."""
+    done: queue.Queue[None] = queue.Queue(maxsize=4 * streams)
+    stop = threading.Event()
+    calls = []
+
+    def run(i: int) -> None:
+        options = [*wire.channel_options(), ("grpc.channel_id", i),
+                   ("grpc.use_local_subchannel_pool", 1)]
+        channel = grpc.insecure_channel(address, options=options)
+        call = channel.unary_stream(METHOD)(b"")
+        calls.append(call)
+        got = 0
+        try:
+            for data in call:
+                got += len(data)
+                while got >= payload_bytes:
+                    got -= payload_bytes
+                    done.put(None)
+                if stop.is_set():
+                    break
+        except grpc.RpcError:
+            pass
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(streams)]
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            yield done.get(timeout=60)
+    finally:
+        stop.set()
+        for call in calls:
+            call.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve raw chunks until SIGINT/SIGTERM."""
+    p = argparse.ArgumentParser(description="bare chunked-bytes gRPC stream (bench ceiling)")
+    p.add_argument("--payload-bytes", type=int, required=True, help="bytes of one batch")
+    p.add_argument("--chunk-bytes", type=int, default=wire.DEFAULT_CHUNK_BYTES)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args(argv)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
+                         options=wire.server_options())
+    server.add_generic_rpc_handlers(
+        (_handler(bytes(args.payload_bytes), args.chunk_bytes),))
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    server.start()
+    print(f"augsvc-bare: serving raw chunks on {args.host}:{port}", flush=True)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace=1).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

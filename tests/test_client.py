@@ -1,0 +1,496 @@
+"""AugmentLoader without a real augsvc server: arithmetic, state, arguments, and the
+streaming machinery against a small in-process fake server (numpy batches, no DALI)
+that can fail, hang or refuse on demand."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+import augsvc
+from augsvc import wire
+from augsvc._proto import augment_pb2 as pb
+from augsvc._proto import augment_pb2_grpc as pb_grpc
+from augsvc.client import AugmentLoader, AugsvcError, BatchMeta, num_batches
+from augsvc.protocol import StreamRequest
+from augsvc.sampling import EpochPlan
+from augsvc.spec import AugmentSpec
+from augsvc.stats import IMAGENET
+
+SPEC = AugmentSpec(size=(4, 6), hsv=False, pca=False)
+NUM_SAMPLES = 23
+LABELS = np.arange(NUM_SAMPLES) % 3
+
+
+# ---------------------------------------------------------------------------
+# arithmetic
+
+
+@pytest.mark.parametrize("num_samples", [1, 7, 23, 64, 100])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("tail", ["drop_last", "pad"])
+def test_num_batches_matches_epoch_plan(num_samples, batch_size, world_size, tail):
+    try:
+        expected = len(EpochPlan(num_samples, batch_size, 0, 0, world_size - 1, world_size, tail))
+    except ValueError:
+        with pytest.raises(ValueError, match="fewer than one round"):
+            num_batches(num_samples, batch_size, world_size, tail)
+        return
+    assert num_batches(num_samples, batch_size, world_size, tail) == expected
+
+
+@pytest.mark.parametrize("tail", ["drop_last", "pad"])
+def test_num_batches_balanced_matches_epoch_plan(tail):
+    labels = np.array([0] * 7 + [1] * 2 + [3] * 4)  # class 2 absent
+    counts = np.bincount(labels)
+    for batch_size, world_size in [(1, 1), (2, 2), (4, 3), (5, 1)]:
+        plan = EpochPlan(len(labels), batch_size, 1, 2, 0, world_size, tail,
+                         labels=labels, balance=True)
+        assert num_batches(len(labels), batch_size, world_size, tail, counts) == len(plan)
+
+
+# ---------------------------------------------------------------------------
+# arguments and state
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"servers": []}, ValueError),
+    ({"servers": [""]}, ValueError),
+    ({"dataset": ""}, ValueError),
+    ({"batch_size": 0}, ValueError),
+    ({"batch_size": 2.0}, TypeError),
+    ({"seed": -1}, ValueError),
+    ({"rank": 2, "world_size": 2}, ValueError),
+    ({"world_size": 0}, ValueError),
+    ({"epoch": -1}, ValueError),
+    ({"streams_per_server": 0}, ValueError),
+    ({"tail": "keep"}, ValueError),
+    ({"balance": 1}, TypeError),
+    ({"output": "jax"}, ValueError),
+    ({"device": "cpu"}, ValueError),  # device needs output="torch"
+    ({"timeout": 0}, ValueError),
+    ({"max_retries": -1}, ValueError),
+    ({"prefetch": 0}, ValueError),
+    ({"spec": {"crop": "center_crop"}}, TypeError),
+    ({"normalize": True, "spec": AugmentSpec(normalize=True, dtype="float32")}, ValueError),
+])
+def test_bad_arguments(kwargs, error):
+    args = {"servers": "127.0.0.1:1", "dataset": "d", **kwargs}
+    with pytest.raises(error):
+        AugmentLoader(**args)
+
+
+def test_invalid_spec_is_invalid_argument():
+    with pytest.raises(AugsvcError, match="p_hflip") as info:
+        AugmentLoader("127.0.0.1:1", "d", AugmentSpec(p_hflip=1.5))
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_public_facade():
+    assert augsvc.AugmentLoader is AugmentLoader
+    assert augsvc.AugsvcError is AugsvcError
+    assert augsvc.AugmentSpec is AugmentSpec
+    assert isinstance(augsvc.__version__, str)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, augsvc; print(sorted(m for m in ('torch', 'nvidia.dali', 'grpc') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _loader(**kwargs) -> AugmentLoader:
+    args = {"servers": "127.0.0.1:1", "dataset": "photos", "spec": SPEC, "batch_size": 2,
+            "seed": 5, "world_size": 2, "rank": 1, **kwargs}
+    return AugmentLoader(**args)
+
+
+def test_state_dict_round_trip():
+    a = _loader(epoch=3)
+    state = a.state_dict()
+    assert state["epoch"] == 3 and state["next_batch"] == 0 and state["seed"] == 5
+    state["next_batch"] = 4
+    b = _loader()
+    b.load_state_dict(state)
+    assert b.epoch == 3 and b.state_dict() == state
+    b.set_epoch(3)  # the training loop's set_epoch keeps the resume point
+    assert b.state_dict()["next_batch"] == 4
+    b.set_epoch(4)  # another epoch starts from its first batch
+    assert b.state_dict()["next_batch"] == 0 and b.epoch == 4
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"seed": 6}, "seed"),
+    ({"dataset": "other"}, "dataset"),
+    ({"world_size": 4}, "world_size"),
+    ({"batch_size": 3}, "batch_size"),
+    ({"spec": SPEC.replace(p_hflip=0.0)}, "spec"),
+    ({"tail": "pad"}, "tail"),
+])
+def test_state_dict_mismatch(change, field):
+    state = _loader().state_dict()
+    with pytest.raises(ValueError, match=field):
+        _loader(**change).load_state_dict(state)
+
+
+def test_state_dict_malformed():
+    loader = _loader()
+    with pytest.raises(ValueError, match="format"):
+        loader.load_state_dict({"epoch": 1})
+    state = loader.state_dict()
+    del state["next_batch"]
+    with pytest.raises(ValueError, match="next_batch"):
+        loader.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------
+# no server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_closed_port_fails_fast():
+    loader = AugmentLoader(f"127.0.0.1:{_free_port()}", "photos", SPEC, 2, timeout=5,
+                           max_retries=2)
+    start = time.monotonic()
+    with pytest.raises(AugsvcError) as info:
+        len(loader)
+    assert time.monotonic() - start < 5
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(AugsvcError), loader:
+        next(iter(loader))
+
+
+# ---------------------------------------------------------------------------
+# a fake server
+
+
+def fake_pixels(seed: int, epoch: int, draw_ids: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Deterministic pixels for these draw ids, (N, *shape) uint8."""
+    n = int(np.prod(shape))
+    base = (np.asarray(draw_ids, dtype=np.int64) * 31 + seed * 7 + epoch * 3)[:, None]
+    return ((base + np.arange(n)[None, :]) % 251).astype(np.uint8).reshape(len(draw_ids), *shape)
+
+
+def expected_epoch(seed, epoch, rank, world_size, batch_size, spec=SPEC, tail="drop_last"):
+    plan = EpochPlan(NUM_SAMPLES, batch_size, seed, epoch, rank, world_size, tail)
+    return [(fake_pixels(seed, epoch, b.draw_ids, _shape(spec)), LABELS[b.sample_ids],
+             b.sample_ids) for b in map(plan.batch, range(len(plan)))]
+
+
+def _shape(spec: AugmentSpec) -> tuple[int, int, int]:
+    h, w = spec.size
+    return (h, w, 3) if spec.layout == "NHWC" else (3, h, w)
+
+
+class FakeServicer(pb_grpc.AugmentServicer):
+    """Serves a NUM_SAMPLES-sample dataset "photos" with `fake_pixels`.
+
+    `fault(call_number, request)` may return None, ("abort", code, after_batches,
+    mid_batch) or ("hang", seconds, after_batches).
+    """
+
+    def __init__(self, token: str | None = None) -> None:
+        self.calls = 0
+        self.requested: list[list[int]] = []
+        self.fault: Callable[[int, pb.StreamBatchesRequest], tuple | None] = lambda i, r: None
+        self.token = token
+        self._lock = threading.Lock()
+
+    def _auth(self, context) -> None:
+        if self.token and dict(context.invocation_metadata()).get("authorization") != \
+                f"Bearer {self.token}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+
+    def GetDataset(self, request, context):
+        self._auth(context)
+        if request.name != "photos":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no dataset {request.name!r}")
+        stats = pb.DatasetStats(
+            source="imagenet", mean=IMAGENET.mean.tolist(), std=IMAGENET.std.tolist(),
+            cov=IMAGENET.cov.reshape(-1).tolist(), eigvals=IMAGENET.eigvals.tolist(),
+            eigvecs=IMAGENET.eigvecs.reshape(-1).tolist())
+        return pb.DatasetInfo(name="photos", num_samples=NUM_SAMPLES, classes=["a", "b", "c"],
+                              stats=stats, stats_sources=["imagenet"])
+
+    def StreamBatches(self, request, context) -> Iterator[bytes]:
+        self._auth(context)
+        if request.dataset != "photos":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no dataset {request.dataset!r}")
+        req = StreamRequest.from_proto(request)
+        with self._lock:
+            call, self.calls = self.calls, self.calls + 1
+            self.requested.append(list(req.batches))
+        fault = self.fault(call, request)
+        plan = EpochPlan(NUM_SAMPLES, req.batch_size, req.seed, req.epoch, req.rank,
+                         req.world_size, req.tail)
+        for n, k in enumerate(req.batches or range(len(plan))):
+            if fault and fault[0] == "hang" and n == fault[2]:
+                time.sleep(fault[1])
+            if fault and fault[0] == "abort" and n == fault[2] and not fault[3]:
+                context.abort(fault[1], "injected failure")
+            b = plan.batch(k)
+            frames = wire.encode_batch(
+                fake_pixels(req.seed, req.epoch, b.draw_ids, _shape(req.spec)), batch_index=k,
+                layout=req.spec.layout, labels=LABELS[b.sample_ids], sample_ids=b.sample_ids,
+                draw_ids=b.draw_ids, chunk_bytes=16,
+            )
+            for j, frame in enumerate(frames):
+                if fault and fault[0] == "abort" and n == fault[2] and fault[3] and j == 2:
+                    context.abort(fault[1], "injected failure mid-batch")
+                yield frame
+
+
+class FakeServer:
+    def __init__(self, token: str | None = None, tls: tuple[bytes, bytes] | None = None) -> None:
+        self.servicer = FakeServicer(token)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                                  options=wire.server_options())
+        wire.add_augment_servicer(self.servicer, self.server)
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            self.address = f"127.0.0.1:{self.port}"
+        else:
+            creds = grpc.ssl_server_credentials([tls])  # (key, certificate chain)
+            self.port = self.server.add_secure_port("localhost:0", creds)
+            self.address = f"localhost:{self.port}"
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def make(**kwargs) -> FakeServer:
+        servers.append(FakeServer(**kwargs))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def _assert_epoch(got, want):
+    assert len(got) == len(want)
+    for (images, labels, *_), (w_images, w_labels, _) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(images, w_images)
+        np.testing.assert_array_equal(labels, w_labels)
+
+
+def _stream_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("augsvc-stream")]
+
+
+def test_epoch_in_order_over_streams(fake):
+    a, b = fake(), fake()
+    with AugmentLoader([a.address, b.address], "photos", SPEC, 2, seed=1, rank=1, world_size=2,
+                       streams_per_server=2, batches_per_request=1, return_meta=True) as loader:
+        assert len(loader) == 5
+        got = list(loader)
+    _assert_epoch(got, expected_epoch(1, 0, 1, 2, 2))
+    assert [meta.index for *_, meta in got] == list(range(5))
+    assert isinstance(got[0][2], BatchMeta) and loader.last_dropped == ()
+    assert a.servicer.calls > 0 and b.servicer.calls > 0  # both servers did work
+    assert not _stream_threads()
+
+
+def test_epochs_and_resume(fake):
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 3, seed=2, epoch=1)
+    loader.set_epoch(2)
+    it = iter(loader)
+    first = [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    assert state["next_batch"] == 3 and state["epoch"] == 2
+    rest = list(it)
+    _assert_epoch(first + rest, expected_epoch(2, 2, 0, 1, 3))
+    resumed = AugmentLoader(a.address, "photos", SPEC, 3, seed=2)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    _assert_epoch(list(resumed), expected_epoch(2, 2, 0, 1, 3)[3:])
+    # a finished epoch resumes as empty; the next pass starts over
+    assert resumed.state_dict()["next_batch"] == len(resumed)
+    assert len(list(resumed)) == len(resumed)
+
+
+@pytest.mark.parametrize("mid_batch", [False, True])
+def test_failing_stream_is_retried_elsewhere(fake, mid_batch):
+    a, b = fake(), fake()
+    # every call to a fails after its first batch
+    a.servicer.fault = lambda i, r: ("abort", grpc.StatusCode.UNAVAILABLE, 1, mid_batch)
+    loader = AugmentLoader([a.address, b.address], "photos", SPEC, 1, seed=3,
+                           batches_per_request=3, max_retries=2)
+    got = list(loader)
+    _assert_epoch(got, expected_epoch(3, 0, 0, 1, 1))
+    requested = [k for srv in (a, b) for ks in srv.servicer.requested for k in ks]
+    assert len(requested) > len(set(requested))  # some batches were asked for again
+
+
+def test_transient_failures_recover_on_one_server(fake):
+    a = fake()
+    a.servicer.fault = lambda i, r: ("abort", grpc.StatusCode.UNAVAILABLE, 0, True) if i < 2 \
+        else None
+    loader = AugmentLoader(a.address, "photos", SPEC, 4, streams_per_server=1, max_retries=2)
+    _assert_epoch(list(loader), expected_epoch(0, 0, 0, 1, 4))
+
+
+def test_dead_server_everywhere_raises(fake):
+    a = fake()
+    a.servicer.fault = lambda i, r: ("abort", grpc.StatusCode.UNAVAILABLE, 0, False)
+    loader = AugmentLoader(a.address, "photos", SPEC, 4, max_retries=1)
+    with pytest.raises(AugsvcError, match="every augsvc server failed") as info:
+        list(loader)
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+    assert not _stream_threads()
+
+
+def test_hung_stream_is_abandoned(fake):
+    a, b = fake(), fake()
+    a.servicer.fault = lambda i, r: ("hang", 30, 0)
+    loader = AugmentLoader([a.address, b.address], "photos", SPEC, 4, timeout=1.0,
+                           streams_per_server=1, max_retries=0)
+    start = time.monotonic()
+    _assert_epoch(list(loader), expected_epoch(0, 0, 0, 1, 4))
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  grpc.StatusCode.PERMISSION_DENIED])
+def test_fatal_status_raises_at_once(fake, code):
+    a = fake()
+    a.servicer.fault = lambda i, r: ("abort", code, 1, False)
+    loader = AugmentLoader(a.address, "photos", SPEC, 2)
+    with pytest.raises(AugsvcError, match="injected failure") as info:
+        list(loader)
+    assert info.value.code is code and info.value.server == a.address
+    assert info.value.details == "injected failure"
+
+
+def test_unknown_dataset_and_token(fake):
+    a = fake(token="s3cret")
+    with pytest.raises(AugsvcError) as info:
+        len(AugmentLoader(a.address, "photos", SPEC, 2))
+    assert info.value.code is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(AugsvcError) as info:
+        len(AugmentLoader(a.address, "nope", SPEC, 2, token="s3cret"))
+    assert info.value.code is grpc.StatusCode.NOT_FOUND
+    assert len(AugmentLoader(a.address, "photos", SPEC, 2, token="s3cret")) == 11
+
+
+def test_read_ahead_is_bounded(fake):
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 1, streams_per_server=2,
+                           batches_per_request=1, prefetch=3)
+    it = iter(loader)
+    next(it)
+    time.sleep(0.5)  # let the streams run ahead as far as they may
+    requested = sorted(k for ks in a.servicer.requested for k in ks)
+    assert max(requested) <= 3  # batch 0 consumed: batches 1..3 may be ahead
+    loader.close()
+    assert not _stream_threads()
+
+
+def test_break_closes_streams(fake):
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 1)
+    for _ in loader:
+        break
+    time.sleep(0.1)
+    assert not _stream_threads()
+
+
+def test_normalize_numpy(fake):
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 4, normalize=True)
+    images, _ = next(iter(loader))
+    raw = expected_epoch(0, 0, 0, 1, 4)[0][0]
+    want = (raw / 255.0 - IMAGENET.mean) / IMAGENET.std
+    assert images.dtype == np.float32
+    np.testing.assert_allclose(images, want, rtol=1e-5, atol=1e-5)
+    loader.close()
+
+
+def test_torch_output(fake):
+    torch = pytest.importorskip("torch")
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC.replace(layout="NCHW"), 4, output="torch",
+                           normalize=True)
+    want = expected_epoch(0, 0, 0, 1, 4, spec=SPEC.replace(layout="NCHW"))
+    batches = list(torch.utils.data.DataLoader(loader.torch_dataset(), batch_size=None))
+    assert len(batches) == len(want) == len(loader.torch_dataset())
+    images, labels = batches[0]
+    assert images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.shape == (4, 3, 4, 6)
+    np.testing.assert_array_equal(labels.numpy(), want[0][1])
+    mean = torch.tensor(IMAGENET.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET.std, dtype=torch.float32).view(3, 1, 1)
+    raw = (images * std + mean) * 255
+    np.testing.assert_allclose(raw.numpy(), want[0][0], atol=1e-3)
+
+
+@pytest.mark.timeout(60)
+def test_torch_dataloader_workers_keep_order(fake):
+    torch = pytest.importorskip("torch")
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 2, output="torch")
+    data = torch.utils.data.DataLoader(loader.torch_dataset(), batch_size=None, num_workers=2)
+    got = [(images.numpy(), labels.numpy()) for images, labels in data]
+    _assert_epoch(got, expected_epoch(0, 0, 0, 1, 2))
+
+
+def test_balance_needs_class_counts(fake):
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 2, balance=True)
+    if "class_counts" in pb.DatasetInfo.DESCRIPTOR.fields_by_name:
+        pytest.skip("DatasetInfo reports class_counts")  # then the fake must send them
+    with pytest.raises(AugsvcError, match="class_counts") as info:
+        len(loader)
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_tls(fake, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    a = fake(tls=(key.read_bytes(), cert.read_bytes()), token="t")
+    for root in (cert, str(cert), cert.read_bytes(), cert.read_text()):
+        loader = AugmentLoader(a.address, "photos", SPEC, 4, root_certificates=root, token="t")
+        _assert_epoch(list(loader), expected_epoch(0, 0, 0, 1, 4))
+    with pytest.raises(AugsvcError) as info:  # plaintext to a TLS port
+        len(AugmentLoader(a.address, "photos", SPEC, 4, token="t", timeout=5, max_retries=0))
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_cuda_device_without_cuda():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA"):
+        AugmentLoader("127.0.0.1:1", "d", SPEC, 2, output="torch", device="cuda")
