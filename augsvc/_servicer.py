@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from augsvc import wire
+from augsvc._batchcache import BatchCache
 from augsvc._proto import augment_pb2 as pb
 from augsvc._proto import augment_pb2_grpc as pb_grpc
 from augsvc.dataset import DatasetIndex
@@ -147,6 +149,12 @@ class _Job:
     batches: tuple[int, ...]
     chunk_bytes: int
 
+    def cache_key(self, k: int) -> tuple:
+        """Everything that determines batch k's frames."""
+        r = self.request
+        return (self.entry.name, r.spec, r.seed, r.epoch, r.rank, r.world_size, r.batch_size,
+                r.tail, r.balance, self.chunk_bytes, k)
+
 
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
@@ -157,9 +165,9 @@ class _Producer:
     """Runs a job's batches on a pooled pipeline into a bounded queue (one thread)."""
 
     def __init__(self, pool: PipelinePool, job: _Job, depth: int,
-                 threads: set[threading.Thread]) -> None:
-        self._pool, self._job, self._threads = pool, job, threads
-        self._queue: queue.Queue[tuple[int, AugmentedBatch] | _Failure] = queue.Queue(depth)
+                 threads: set[threading.Thread], cache: BatchCache) -> None:
+        self._pool, self._job, self._threads, self._cache = pool, job, threads, cache
+        self._queue: queue.Queue[tuple[int, tuple[bytes, ...]] | _Failure] = queue.Queue(depth)
         self.cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="augsvc-producer", daemon=True)
 
@@ -170,8 +178,8 @@ class _Producer:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def get(self) -> tuple[int, AugmentedBatch] | None:
-        """The next finished batch; None once cancelled; re-raises the producer's error."""
+    def get(self) -> tuple[int, tuple[bytes, ...]] | None:
+        """The next batch's wire frames; None once cancelled; re-raises the producer's error."""
         while not self.cancelled.is_set():
             try:
                 item = self._queue.get(timeout=_POLL)
@@ -182,7 +190,7 @@ class _Producer:
             return item
         return None
 
-    def _put(self, item: tuple[int, AugmentedBatch] | _Failure) -> bool:
+    def _put(self, item: tuple[int, tuple[bytes, ...]] | _Failure) -> bool:
         while not self.cancelled.is_set():
             try:
                 self._queue.put(item, timeout=_POLL)
@@ -194,6 +202,8 @@ class _Producer:
     def _run(self) -> None:
         job, request = self._job, self._job.request
         try:
+            if self._send_cached():
+                return
             try:
                 key, augmenter = self._pool.acquire(job.entry, request.spec, job.stats,
                                                     request.batch_size)
@@ -205,8 +215,13 @@ class _Producer:
                 for k in job.batches:
                     if self.cancelled.is_set():
                         return
-                    result = augmenter.run_batch(request.seed, request.epoch, job.plan.batch(k))
-                    if not self._put((k, result)):
+                    frames = self._cache.get(job.cache_key(k))
+                    if frames is None:
+                        result = augmenter.run_batch(request.seed, request.epoch,
+                                                     job.plan.batch(k))
+                        frames = _encode(job, k, result)
+                        self._cache.put(job.cache_key(k), frames)
+                    if not self._put((k, frames)):
                         return
             except Exception as exc:
                 reusable = False  # a pipeline that failed unexpectedly is not trusted again
@@ -219,8 +234,28 @@ class _Producer:
         finally:
             self._threads.discard(self._thread)
 
+    def _send_cached(self) -> bool:
+        """Send the whole job from the cache without taking a pipeline, if it is all there."""
+        job = self._job
+        cached = [self._cache.get(job.cache_key(k)) for k in job.batches]
+        if any(frames is None for frames in cached):
+            return False
+        for k, frames in zip(job.batches, cached, strict=True):
+            if not self._put((k, frames)):
+                break
+        return True
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+
+def _encode(job: _Job, k: int, result: AugmentedBatch) -> tuple[bytes, ...]:
+    """Batch k's wire frames (one copy of the pixels, made on the producer thread)."""
+    return tuple(wire.encode_batch(
+        result.images, batch_index=k, layout=job.request.spec.layout, labels=result.labels,
+        sample_ids=result.sample_ids, draw_ids=result.draw_ids, dropped=result.dropped,
+        chunk_bytes=job.chunk_bytes,
+    ))
 
 
 class AugmentServicer(pb_grpc.AugmentServicer):
@@ -228,8 +263,9 @@ class AugmentServicer(pb_grpc.AugmentServicer):
     `augsvc.wire.add_augment_servicer`: StreamBatches yields pre-encoded frames)."""
 
     def __init__(self, catalog: Catalog, pool: PipelinePool, *, max_streams: int,
-                 max_batch_size: int, prefetch: int) -> None:
+                 max_batch_size: int, prefetch: int, cache_bytes: int = 0) -> None:
         self.catalog, self.pool = catalog, pool
+        self.cache = BatchCache(cache_bytes)
         self.max_streams, self.max_batch_size, self.prefetch = (
             max_streams, max_batch_size, prefetch)
         pool.max_batch_size = max_batch_size
@@ -264,7 +300,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             context.abort(abort.code, abort.details)
         index = entry.index
         return dataset_info(entry.name, len(index), index.classes, entry.stats[source], source,
-                            num_rejected=len(index.rejected), stats_sources=entry.stats)
+                            num_rejected=len(index.rejected), stats_sources=entry.stats,
+                            class_counts=np.bincount(index.labels, minlength=len(index.classes)))
 
     def _entry(self, name: str, field: str) -> DatasetEntry:
         entry = self.catalog.get(name)
@@ -303,7 +340,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         # must wait for them to be delivered.
         if not context.add_callback(release):
             release()
-        producer = _Producer(self.pool, job, self.prefetch, self._producers)
+        producer = _Producer(self.pool, job, self.prefetch, self._producers, self.cache)
         context.add_callback(producer.cancel)
         req, peer = job.request, context.peer()
         progress = {"sent": 0, "failed": False}
@@ -323,13 +360,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                 item = producer.get()
                 if item is None:  # the call was cancelled or the server stopped
                     return
-                k, result = item
-                yield from wire.encode_batch(
-                    result.images, batch_index=k, layout=req.spec.layout,
-                    labels=result.labels, sample_ids=result.sample_ids,
-                    draw_ids=result.draw_ids, dropped=result.dropped,
-                    chunk_bytes=job.chunk_bytes,
-                )
+                yield from item[1]
                 progress["sent"] += 1
         except Exception as exc:
             progress["failed"] = True

@@ -142,6 +142,7 @@ class ServerPool:
     token: str | None = None
     timeout: float = 60.0
     max_retries: int = 3
+    client_certificate: tuple[bytes, bytes] | None = None  # (chain, key) for mutual TLS
 
     def channel(self, target: str) -> grpc.Channel:
         """A channel on its own connection (distinct args, no shared subchannel pool)."""
@@ -151,7 +152,9 @@ class ServerPool:
             ("grpc.use_local_subchannel_pool", 1),
         ]
         if self.root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+            chain, key = self.client_certificate or (None, None)
+            creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates,
+                                                 private_key=key, certificate_chain=chain)
             return grpc.secure_channel(target, creds, options=options)
         return grpc.insecure_channel(target, options=options)
 

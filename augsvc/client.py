@@ -34,6 +34,9 @@
   NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
   FAILED_PRECONDITION, OUT_OF_RANGE) raise `AugsvcError` at once, with `.code` (a
   `grpc.StatusCode`), `.details` (the server's message) and `.server`.
+* **Security.** `token` is sent as `authorization: Bearer <token>`; `root_certificates`
+  (PEM bytes, text or a path) turns TLS on; `client_certificate=(chain, key)` adds the
+  client certificate a mutual-TLS server (`--tls-client-ca`) requires.
 * **Timeouts.** `timeout` (s) bounds every wait on a server: a unary call's deadline, the
   silence after which a stream is abandoned, and `timeout x (1 + batches)` for the
   deadline of a StreamBatches call.
@@ -143,6 +146,7 @@ class AugmentLoader:
         return_meta: bool = False,
         token: str | None = None,
         root_certificates: bytes | str | Path | None = None,
+        client_certificate: tuple[bytes | str | Path, bytes | str | Path] | None = None,
         timeout: float = 60.0,
         max_retries: int = 3,
         prefetch: int | None = None,
@@ -198,8 +202,12 @@ class AugmentLoader:
         self.output, self.normalize, self.return_meta = output, normalize, return_meta
         self.streams_per_server = streams_per_server
         self.batches_per_request = batches_per_request
+        if client_certificate is not None and root_certificates is None:
+            raise ValueError("client_certificate (mutual TLS) needs root_certificates (TLS)")
+        client_pem = (None if client_certificate is None
+                      else (pem_bytes(client_certificate[0]), pem_bytes(client_certificate[1])))
         self.pool = ServerPool(targets, pem_bytes(root_certificates), token, float(timeout),
-                               max_retries)
+                               max_retries, client_pem)
         num_streams = streams_per_server * len(targets)
         self.prefetch = prefetch or num_streams * (batches_per_request + 1)
         self._epoch = epoch
@@ -234,11 +242,6 @@ class AugmentLoader:
         info = self.dataset_info()
         counts = None
         if self.balance:
-            if "class_counts" not in pb.DatasetInfo.DESCRIPTOR.fields_by_name:
-                raise AugsvcError(
-                    "balance=True needs the number of samples per class, which GetDataset "
-                    "does not report (DatasetInfo has no class_counts field)",
-                    code=grpc.StatusCode.FAILED_PRECONDITION)
             counts = list(info.class_counts)
         try:
             return num_batches(info.num_samples, self.batch_size, self.world_size,

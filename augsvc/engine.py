@@ -176,7 +176,8 @@ def _take(params: BatchParams, rows: list[int]) -> BatchParams:
 
 
 def _first_line(exc: Exception) -> str:
-    """DALI errors carry long tracebacks; keep the informative line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    informative = [ln for ln in lines if "rror" in ln and "Critical error" not in ln]
-    return (informative or lines or ["unknown error"])[-1][:300]
+    """DALI errors carry a traceback; keep the first line of what it "encountered"."""
+    text = str(exc)
+    text = text.split("encountered:", 1)[-1]
+    lines = [ln.strip().rstrip(" :") for ln in text.splitlines() if ln.strip()]
+    return (lines or ["unknown error"])[0][:300]

@@ -260,6 +260,7 @@ def dataset_info(
     *,
     num_rejected: int = 0,
     stats_sources: Iterable[str] = (),
+    class_counts: Sequence[int] = (),
 ) -> pb.DatasetInfo:
     """GetDataset's answer.
 
@@ -274,6 +275,7 @@ def dataset_info(
         num_rejected=num_rejected,
         stats=stats_to_proto(stats, stats_source),
         stats_sources=sorted(sources, key=_source_order),
+        class_counts=[int(c) for c in class_counts],
     )
 
 

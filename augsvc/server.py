@@ -78,6 +78,7 @@ class ServerConfig:
     pipeline_cache: int = 4  # idle pipelines kept per worker for reuse
     dali_threads: int | None = None  # per pipeline; None: CPU cores / workers, at most 8
     io_threads: int = 4  # file-reading threads per pipeline
+    batch_cache_mb: int = 0  # encoded batches kept per worker for repeated requests; 0: off
     grace: float = 10.0  # seconds running streams get to finish on shutdown
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -101,8 +102,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dali_threads is not None and self.dali_threads < 1:
             raise ValueError(f"dali_threads must be >= 1, got {self.dali_threads}")
-        if self.pipeline_cache < 0 or self.device_id < 0 or self.grace < 0:
-            raise ValueError("pipeline_cache, device_id and grace must be >= 0")
+        if min(self.pipeline_cache, self.device_id, self.grace, self.batch_cache_mb) < 0:
+            raise ValueError("pipeline_cache, device_id, grace and batch_cache_mb must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -195,7 +196,8 @@ class AugmentServer:
         )
         self.servicer = AugmentServicer(self.catalog, self.pool, max_streams=config.max_streams,
                                         max_batch_size=config.max_batch_size,
-                                        prefetch=config.prefetch)
+                                        prefetch=config.prefetch,
+                                        cache_bytes=config.batch_cache_mb << 20)
         self._executors = (
             futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),
             futures.ThreadPoolExecutor(max_workers=config.max_streams + SPARE_THREADS,

@@ -458,16 +458,6 @@ def test_torch_dataloader_workers_keep_order(fake):
     _assert_epoch(got, expected_epoch(0, 0, 0, 1, 2))
 
 
-def test_balance_needs_class_counts(fake):
-    a = fake()
-    loader = AugmentLoader(a.address, "photos", SPEC, 2, balance=True)
-    if "class_counts" in pb.DatasetInfo.DESCRIPTOR.fields_by_name:
-        pytest.skip("DatasetInfo reports class_counts")  # then the fake must send them
-    with pytest.raises(AugsvcError, match="class_counts") as info:
-        len(loader)
-    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
-
-
 def test_tls(fake, tmp_path):
     import shutil
     import subprocess

@@ -105,12 +105,6 @@ def test_bytes_equal_the_in_process_engine(two_ranks, jpeg_folder):
 
 
 def test_default_spec_matches_engine(addresses, jpeg_folder):
-    from augsvc import kernels
-
-    try:
-        kernels.load()
-    except Exception as exc:
-        pytest.skip(f"colour-kernel plugin unavailable: {exc}")
     spec = AugmentSpec(size=(32, 32))
     got = fetch(addresses, spec, batch_size=4)
     want = _engine_batches(jpeg_folder, spec, 0, 0, 1, 4)
@@ -218,3 +212,22 @@ def test_wrong_token(jpeg_folder):
         loader = AugmentLoader(server.address, NAME, SPEC, 4, token="s3cret")
         assert len(loader) == 3
         assert len(list(loader)) == 3
+
+
+def test_class_balanced_epoch(jpeg_folder, tmp_path):
+    """balance=True: rare classes are up-sampled; len() uses the server's class counts."""
+    files = sorted(p for p in Path(jpeg_folder).rglob("*.jpg"))
+    labels = [0] * 9 + [1] * 2 + [2] * 1
+    manifest = tmp_path / "unbalanced.csv"
+    manifest.write_text("path,label\n" + "".join(
+        f"{p},{c}\n" for p, c in zip(files[:12], labels, strict=True)))
+    with running_server({"unbalanced": manifest}) as server, AugmentLoader(
+            server.address, "unbalanced", SPEC, batch_size=3, seed=SEED, balance=True,
+            return_meta=True) as loader:
+        plan = EpochPlan(12, 3, SEED, 0, labels=labels, balance=True)
+        assert len(loader) == len(plan) == 9
+        got = list(loader)
+    ids = np.concatenate([meta.sample_ids for _, _, meta in got])
+    np.testing.assert_array_equal(ids, np.concatenate([plan.batch(k).sample_ids
+                                                       for k in range(len(plan))]))
+    assert np.bincount(np.concatenate([lab for _, lab, _ in got])).tolist() == [9, 9, 9]

@@ -29,6 +29,7 @@ from serverproc import REPO_ROOT, ServerProcess, running_server
 
 from augsvc import wire
 from augsvc._proto import augment_pb2 as pb
+from augsvc.client import AugmentLoader
 from augsvc.dataset import open_dataset
 from augsvc.protocol import spec_to_proto
 from augsvc.spec import AugmentSpec
@@ -471,6 +472,13 @@ def test_tls(jpeg_folder: Path, certs: dict[str, bytes], mutual: bool) -> None:
             else:
                 assert health_status(channel) == SERVING
         assert_healthy(server, with_client_cert)
+        # the high-level loader over TLS, with the client certificate when required
+        client_cert = (certs["client.pem"], certs["client.key"]) if mutual else None
+        with AugmentLoader(server.address, "photos", SMALL, batch_size=2,
+                           root_certificates=certs["ca.pem"], client_certificate=client_cert,
+                           timeout=30) as loader:
+            images, labels = next(iter(loader))
+        assert images.shape == (2, 32, 32, 3) and len(labels) == 2
 
 
 # ---------------------------------------------------------------------------

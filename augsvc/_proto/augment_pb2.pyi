@@ -35,20 +35,22 @@ class GetDatasetRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., stats: _Optional[str] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "num_samples", "classes", "num_rejected", "stats", "stats_sources")
+    __slots__ = ("name", "num_samples", "classes", "num_rejected", "stats", "stats_sources", "class_counts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     NUM_REJECTED_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     STATS_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_COUNTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_samples: int
     classes: _containers.RepeatedScalarFieldContainer[str]
     num_rejected: int
     stats: DatasetStats
     stats_sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., num_rejected: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ..., stats_sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    class_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., num_rejected: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ..., stats_sources: _Optional[_Iterable[str]] = ..., class_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
     __slots__ = ("source", "mean", "std", "cov", "eigvals", "eigvecs", "num_images", "num_pixels", "description")

@@ -62,6 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     work.add_argument("--pipeline-cache", type=int, default=4, metavar="N",
                       help="idle pipelines each worker keeps for reuse by later streams with "
                       "the same dataset, spec and batch size (default: 4)")
+    work.add_argument("--batch-cache-mb", type=int, default=0, metavar="MB",
+                      help="memory per worker for finished batches, sent again from memory "
+                      "when the same batch is asked for again (failover re-requests, jobs "
+                      "sharing a seed, `augsvc bench`); 0 turns it off (default: 0)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-streams", type=int, default=64, metavar="N",
                         help="concurrent StreamBatches calls per worker; more are refused "
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             pipeline_cache=args.pipeline_cache,
             dali_threads=args.dali_threads,
             io_threads=args.io_threads,
+            batch_cache_mb=args.batch_cache_mb,
             grace=args.grace,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
