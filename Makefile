@@ -5,11 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: install test lint protos
 
-install:  ## virtualenv with the server and dev extras, then the colour-kernel plugin
+install:  ## venv with the server + dev extras, the colour-kernel plugin, the Node example client
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
 	$(BIN)/augsvc build-kernels
+	if command -v npm >/dev/null 2>&1; then cd examples/node-client && npm ci --no-audit --no-fund; \
+	else echo "npm not found: skipping examples/node-client (tests/test_node_client.py is skipped)"; fi
 
 test: lint  ## ruff, then pytest (exit code 5, "no tests collected", is reported, not hidden)
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \

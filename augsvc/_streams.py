@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -289,12 +290,39 @@ class Schedule:
 # streams
 
 
+class ChannelCache:
+    """The loader's connections, kept across passes (epochs): one per (server, stream slot).
+
+    Reconnecting (TCP + HTTP/2, and TLS) every epoch would cost each pass a round of
+    handshakes; a gRPC channel reconnects by itself after a failure.
+    """
+
+    def __init__(self, pool: ServerPool) -> None:
+        self.pool = pool
+        self.pid = os.getpid()  # a forked child (DataLoader worker) must make its own
+        self._channels: dict[tuple[str, int], grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, target: str, slot: int) -> grpc.Channel:
+        with self._lock:
+            channel = self._channels.get((target, slot))
+            if channel is None:
+                channel = self._channels[target, slot] = self.pool.channel(target)
+            return channel
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
+
+
 class Stream(threading.Thread):
     """One connection to one server, fetching groups of batches until none is left."""
 
-    def __init__(self, fetcher: Fetcher, server: Server, name: str) -> None:
+    def __init__(self, fetcher: Fetcher, server: Server, slot: int, name: str) -> None:
         super().__init__(name=name, daemon=True)
-        self.fetcher, self.server = fetcher, server
+        self.fetcher, self.server, self.slot = fetcher, server, slot
         self._lock = threading.Lock()
         self._call: Any = None
         self._idle_cancelled = False
@@ -303,15 +331,14 @@ class Stream(threading.Thread):
     def run(self) -> None:
         f = self.fetcher
         try:
-            with f.pool.channel(self.server.target) as channel:
-                stub = wire.AugmentStub(channel)
-                alive = lambda: not self.server.dead  # noqa: E731
-                while (group := f.schedule.take(f.group_size, alive)) is not None:
-                    delay = self._fetch(stub, group)
-                    if delay is None and self.server.dead:
-                        return
-                    if delay:
-                        f.stop_event.wait(delay)
+            stub = wire.AugmentStub(f.channels.get(self.server.target, self.slot))
+            alive = lambda: not self.server.dead  # noqa: E731
+            while (group := f.schedule.take(f.group_size, alive)) is not None:
+                delay = self._fetch(stub, group)
+                if delay is None and self.server.dead:
+                    return
+                if delay:
+                    f.stop_event.wait(delay)
         except BaseException as exc:  # a bug here must not leave the consumer waiting
             f.schedule.fail(AugsvcError(f"stream {self.name} crashed: {exc!r}"))
             raise
@@ -402,6 +429,7 @@ class Fetcher:
         request: pb.StreamBatchesRequest,
         order: Sequence[int],
         *,
+        channels: ChannelCache,
         streams_per_server: int,
         group_size: int,
         readahead: int,
@@ -410,13 +438,14 @@ class Fetcher:
         check: Callable[[pb.BatchHeader, int, str], None],
     ) -> None:
         self.pool, self.request, self.order = pool, request, list(order)
+        self.channels = channels
         self.group_size = group_size
         self.allocate, self.finish, self.check = allocate, finish, check
         self.schedule = Schedule(len(self.order), readahead)
         self.stop_event = threading.Event()
         self.servers = [Server(t, pool.max_retries) for t in pool.targets]
         self.streams = [
-            Stream(self, server, f"augsvc-stream-{server.target}-{i}")
+            Stream(self, server, i, f"augsvc-stream-{server.target}-{i}")
             for i in range(streams_per_server) for server in self.servers
         ]
         self._started = False

@@ -49,6 +49,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ import numpy as np
 
 from augsvc import wire
 from augsvc._proto import augment_pb2 as pb
-from augsvc._streams import AugsvcError, Fetcher, ServerPool, pem_bytes
+from augsvc._streams import AugsvcError, ChannelCache, Fetcher, ServerPool, pem_bytes
 from augsvc.protocol import spec_to_proto
 from augsvc.sampling import TAILS
 from augsvc.spec import AugmentSpec, SpecError
@@ -215,6 +216,7 @@ class AugmentLoader:
         self._resume: int | None = None  # where the next pass starts, after load_state_dict
         self._info: pb.DatasetInfo | None = None
         self._fetcher: Fetcher | None = None
+        self._channels: ChannelCache | None = None  # kept across passes, closed by close()
         self._lock = threading.Lock()
         self._scale_shift: dict[Any, Any] = {}
         self.last_meta: BatchMeta | None = None
@@ -346,8 +348,11 @@ class AugmentLoader:
             if pin is None:
                 pin = bool(torch.cuda.is_available())
             allocate = _torch_allocator(pin)
+        if self._channels is None or self._channels.pid != os.getpid():
+            self._channels = ChannelCache(self.pool)
         return Fetcher(
             self.pool, request, order,
+            channels=self._channels,
             streams_per_server=self.streams_per_server,
             group_size=self.batches_per_request,
             readahead=self.prefetch,
@@ -420,11 +425,14 @@ class AugmentLoader:
     # -- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Cancel the streams of a pass in progress and join their threads."""
+        """Cancel the streams of a pass in progress, join their threads, close connections."""
         with self._lock:
             fetcher, self._fetcher = self._fetcher, None
+            channels, self._channels = self._channels, None
         if fetcher is not None:
             fetcher.close()
+        if channels is not None:
+            channels.close()
 
     def __enter__(self) -> AugmentLoader:
         return self
@@ -434,7 +442,7 @@ class AugmentLoader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_fetcher=None, _lock=None, _scale_shift={})
+        state.update(_fetcher=None, _channels=None, _lock=None, _scale_shift={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,73 @@
+"""The `augsvc` command line as a user runs it: real subprocesses on real JPEG folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from augsvc.cli import COMMANDS
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def augsvc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "augsvc", *args], capture_output=True,
+                          text=True, timeout=170, cwd=cwd)
+
+
+def test_help_lists_and_explains_every_command() -> None:
+    top = augsvc("--help")
+    assert top.returncode == 0
+    for name in COMMANDS:
+        shown = name.replace("_", "-")
+        assert shown in top.stdout
+        sub = augsvc(shown, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "usage: augsvc " + shown in sub.stdout
+        # every option has a help text
+        assert "--" in sub.stdout and " --help" in sub.stdout
+
+
+def test_stats_then_preview_with_reference(jpeg_folder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "photos"
+    shutil.copytree(jpeg_folder, data)
+    out = augsvc("stats", str(data), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((data / "augsvc-stats.json").read_text())
+    assert len(saved["mean"]) == 3 and len(saved["eigvals"]) == 3
+    assert "augsvc-stats.json" in out.stdout
+
+    grid = tmp_path / "grid.png"
+    out = augsvc("preview", str(data), "--out", str(grid), "--images", "3", "--draws", "2",
+                 "--reference", "--set", "size=64", "--set", "stats=\"dataset\"")
+    assert out.returncode == 0, out.stderr
+    with Image.open(grid) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    # 1 original + 2 draws x (pipeline, numpy) columns of 64 px, 3 rows, 4 px gaps, title
+    assert pixels.shape == (14 + 3 * 68 + 4, 5 * 68 + 4, 3)
+    cell = pixels[18:82, 4 + 68:4 + 68 + 64].astype(int)  # row 0, draw 0 (pipeline)
+    ref = pixels[18:82, 4 + 136:4 + 136 + 64].astype(int)  # row 0, draw 0 (numpy)
+    assert cell.std() > 5  # an image, not a blank
+    assert np.abs(cell - ref).mean() < 12  # the oracle draws the same augmentation
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, jpeg_folder: Path) -> None:
+    cases = [
+        (("stats", str(tmp_path / "missing")), "no such dataset"),
+        (("preview", str(jpeg_folder), "--set", "crop=zoom"), "AugmentSpec.crop"),
+        (("preview", str(jpeg_folder), "--spec", "{oops"), "AugmentSpec.<spec>"),
+        (("serve", "--dataset", f"x={tmp_path / 'missing'}", "--port", "0"),
+         "no such dataset"),
+    ]
+    for args, words in cases:
+        out = augsvc(*args)
+        assert out.returncode != 0, args
+        assert words in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr, (args, out.stderr)
