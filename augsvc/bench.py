@@ -44,6 +44,7 @@ class BenchConfig:
     spec: AugmentSpec
     dataset: Path | None = None  # None: generate a photo-like JPEG set
     images: int = 256  # generated images
+    epoch_images: int = 2048  # the generated set is listed repeatedly up to this epoch length
     device: str = "cpu"
     batch_size: int = 64
     duration: float = 10.0  # seconds per measurement
@@ -71,7 +72,7 @@ class Figure:
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run every measurement; return {"config", "figures", "ratios", "machine"}."""
     with tempfile.TemporaryDirectory(prefix="augsvc-bench-") as tmp:
-        data = cfg.dataset or _generate(Path(tmp) / "images", cfg.images, log)
+        data = cfg.dataset or _generate(Path(tmp) / "images", cfg.images, cfg.epoch_images, log)
         figures: dict[str, Figure] = {}
         steps = [("a", _engine), ("b", _service), ("c", _bare), ("d", _torchvision)]
         for i, (key, fn) in enumerate(steps, 1):
@@ -240,14 +241,26 @@ def _image_bytes(spec: AugmentSpec) -> int:
     return h * w * 3 * np.dtype(spec.dtype).itemsize
 
 
-def _generate(root: Path, n: int, log: Callable[[str], None]) -> Path:
-    """A photo-like JPEG set (~500x375, quality 90) of about n images in 8 classes."""
+def _generate(root: Path, n: int, epoch_images: int, log: Callable[[str], None]) -> Path:
+    """A photo-like JPEG set (~500x375, quality 90) of about n images in 8 classes.
+
+    Returned as a CSV manifest that lists the set repeatedly, up to `epoch_images`
+    entries: a stream starts cold at every epoch (its pipeline drains at the boundary),
+    and a training epoch is thousands of batches, not the 4 of 256 images.
+    """
     from augsvc.synth import make_dataset
 
     classes = 8
     per_class = max(1, -(-n // classes))
     log(f"generating {classes * per_class} photo-like JPEGs (~500x375, q90) in {root}")
-    return make_dataset(root, num_classes=classes, per_class=per_class)
+    make_dataset(root, num_classes=classes, per_class=per_class)
+    files = sorted(root.glob("*/*.jpg"))
+    repeats = max(1, -(-epoch_images // len(files)))
+    manifest = root / "epoch.csv"
+    rows = [f"{f},{int(f.parent.name.split('_')[-1])}\n" for f in files] * repeats
+    manifest.write_text("path,label\n" + "".join(rows))
+    log(f"listed {repeats}x in {manifest.name}: {len(rows)} images per epoch")
+    return manifest
 
 
 @contextlib.contextmanager
@@ -311,8 +324,8 @@ def _row(f: Figure) -> str:
     def num(v: float | None, fmt: str) -> str:
         return format(v, fmt) if v is not None else "-"
 
-    return (f"{f.label:<40} {num(f.img_s, '>10.1f')} {num(f.mb_s, '>9.1f')} "
-            f"{num(f.p50_ms, '>8.1f')} {num(f.p99_ms, '>8.1f')}  {f.note}")
+    return (f"{f.label:<40} {num(f.img_s, '>10.1f'):>10} {num(f.mb_s, '>9.1f'):>9} "
+            f"{num(f.p50_ms, '>8.1f'):>8} {num(f.p99_ms, '>8.1f'):>8}  {f.note}")
 
 
 def format_table(result: dict) -> str:

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "JPEG set, ~500x375, quality 90, in a temporary folder)")
     p.add_argument("--images", type=int, default=256,
                    help="images to generate when --dataset is not given (default: 256)")
+    p.add_argument("--epoch-images", type=int, default=2048,
+                   help="the generated set is listed repeatedly up to this many images per "
+                   "epoch, since every epoch starts the streams cold (default: 2048)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--size", type=int, default=224, help="output side in pixels (default: 224)")
     p.add_argument("--duration", type=float, default=10.0,
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"augsvc bench: {exc}", file=sys.stderr)
         return 2
     cfg = bench.BenchConfig(
-        spec=spec, dataset=args.dataset, images=args.images, device=args.device,
+        spec=spec, dataset=args.dataset, images=args.images, epoch_images=args.epoch_images,
+        device=args.device,
         batch_size=args.batch_size, duration=args.duration, threads=args.threads,
         workers=args.workers, streams=args.streams, baseline_python=args.baseline_python,
         skip=tuple(args.skip),
