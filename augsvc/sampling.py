@@ -261,11 +261,14 @@ class EpochPlan:
     def __len__(self) -> int:
         return self.num_batches
 
-    def batch(self, k: int) -> Batch:
-        """This rank's batch number k (0-based)."""
+    def batch(self, k: int, rank: int | None = None) -> Batch:
+        """Batch number k (0-based) of this plan's rank, or of `rank` (same epoch order)."""
         if not 0 <= k < self.num_batches:
             raise IndexError(f"batch {k} out of range [0, {self.num_batches})")
-        start = (k * self.world_size + self.rank) * self.batch_size
+        rank = self.rank if rank is None else rank
+        if not 0 <= rank < self.world_size:
+            raise IndexError(f"rank {rank} out of range [0, {self.world_size})")
+        start = (k * self.world_size + rank) * self.batch_size
         sl = slice(start, start + self.batch_size)
         return Batch(k, self._sample_ids[sl].copy(), self._draw_ids[sl].copy())
 

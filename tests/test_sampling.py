@@ -168,3 +168,14 @@ def test_plan_errors(kwargs: dict, words: str) -> None:
     args = {"num_samples": 10, "batch_size": 2, "seed": 0, "epoch": 0, **kwargs}
     with pytest.raises(ValueError, match=words):
         EpochPlan(**args)
+
+
+def test_one_plan_serves_every_rank() -> None:
+    shared = EpochPlan(50, 4, seed=2, epoch=1, world_size=3)
+    for rank in range(3):
+        own = EpochPlan(50, 4, seed=2, epoch=1, rank=rank, world_size=3)
+        for k in range(len(own)):
+            np.testing.assert_array_equal(shared.batch(k, rank).sample_ids,
+                                          own.batch(k).sample_ids)
+    with pytest.raises(IndexError, match="rank 3"):
+        shared.batch(0, 3)
