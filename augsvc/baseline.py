@@ -28,7 +28,7 @@ def run(data: Path, batch_size: int, workers: int, duration: float, size: int) -
     from PIL import Image
     from torchvision.transforms import v2
 
-    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in EXTENSIONS)
+    files = _files(data)
     if not files:
         raise SystemExit(f"no images under {data}")
     transform = v2.Compose([
@@ -64,10 +64,21 @@ def run(data: Path, batch_size: int, workers: int, duration: float, size: int) -
             "torchvision": __import__("torchvision").__version__, "cpus": os.cpu_count()}
 
 
+def _files(data: Path) -> list[Path]:
+    """The images of a folder (searched deeply) or of a CSV manifest (its `path` column)."""
+    if data.is_file():
+        import csv
+
+        with open(data, newline="") as fh:
+            return [data.parent / row["path"] for row in csv.DictReader(fh)]
+    return sorted(p for p in data.rglob("*") if p.suffix.lower() in EXTENSIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: print the result as one JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder of images (searched deeply)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder of images (searched deeply) or CSV manifest (path,label)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--duration", type=float, default=10.0, help="seconds to measure")
