@@ -179,3 +179,23 @@ def test_one_plan_serves_every_rank() -> None:
                                           own.batch(k).sample_ids)
     with pytest.raises(IndexError, match="rank 3"):
         shared.batch(0, 3)
+
+
+def test_params_do_not_depend_on_world_size_or_rank() -> None:
+    """A sample's draw id, hence its parameters, is the same in any sharding of the epoch."""
+    spec = AugmentSpec()
+    n, h, w = 48, np.full(48, 300), np.full(48, 400)
+    by_sample: dict[int, np.ndarray] = {}
+    for world in (1, 2, 3):
+        for rank in range(world):
+            plan = EpochPlan(n, 4, seed=9, epoch=5, rank=rank, world_size=world)
+            for k in range(len(plan)):
+                b = plan.batch(k)
+                m = draw_params(spec, 9, 5, b.draw_ids, h[b.sample_ids], w[b.sample_ids],
+                                BASIS)
+                for sid, row in zip(b.sample_ids.tolist(), np.column_stack(
+                        [m.roi, m.color_matrix(), m.flip_h]), strict=True):
+                    if sid in by_sample:
+                        np.testing.assert_array_equal(row, by_sample[sid])
+                    by_sample[sid] = row
+    assert len(by_sample) == n
