@@ -65,6 +65,7 @@ from augsvc._streams import AugsvcError, ChannelCache, Fetcher, ServerPool, pem_
 from augsvc.protocol import spec_to_proto
 from augsvc.sampling import TAILS
 from augsvc.spec import AugmentSpec, SpecError
+from augsvc.wire import DroppedSample
 
 __all__ = ["AugmentLoader", "AugsvcError", "BatchMeta", "DroppedSample", "num_batches"]
 
@@ -74,15 +75,6 @@ _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 # fields of a state that must match the loader it is loaded into
 _IDENTITY = ("dataset", "spec", "seed", "batch_size", "rank", "world_size", "tail", "balance")
-
-
-@dataclass(frozen=True)
-class DroppedSample:
-    """A sample the server left out of its batch (e.g. a corrupt image), and why."""
-
-    sample_id: int
-    path: str
-    reason: str
 
 
 @dataclass(frozen=True)

@@ -27,19 +27,11 @@ from augsvc.pipeline import AugmentPipeline, PipelineError
 from augsvc.sampling import Batch, BatchParams, draw_params
 from augsvc.spec import AugmentSpec
 from augsvc.stats import DatasetStats
+from augsvc.wire import DroppedSample
 
 __all__ = ["AugmentedBatch", "Augmenter", "DroppedSample"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DroppedSample:
-    """A sample left out of its batch, and why."""
-
-    sample_id: int
-    path: str
-    reason: str
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ they install these serializers for StreamBatches.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import grpc
@@ -70,6 +71,15 @@ _CHUNK_TAG = 0x12  # field 2 (`chunk`), wire type 2 (length-delimited)
 
 class WireError(ValueError):
     """The frames on a StreamBatches stream break the wire protocol."""
+
+
+@dataclass(frozen=True)
+class DroppedSample:
+    """A sample left out of its batch (e.g. a corrupt image), and why; `BatchHeader.dropped`."""
+
+    sample_id: int
+    path: str
+    reason: str
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -138,7 +148,7 @@ def batch_header(
     """The BatchHeader describing `payload` sent in chunks of `chunk_bytes`.
 
     `dropped` holds objects with `sample_id`, `path` and `reason` attributes (e.g.
-    `augsvc.engine.DroppedSample` or `pb.DroppedSample`).
+    `DroppedSample` or `pb.DroppedSample`).
     """
     _payload_view(payload)  # type, dtype and contiguity checks
     if layout not in LAYOUTS:
