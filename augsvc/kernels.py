@@ -9,6 +9,11 @@ The build is a plain g++/nvcc run (no CMake). Its result is cached under
 of the kernel sources, the DALI version and the compilers, so a changed source or an
 upgraded DALI rebuilds by itself. Concurrent builds are serialised by a file lock and the
 library is moved into place atomically.
+
+`$AUGSVC_KERNEL_LIB`, when set, names a prebuilt `libaugsvc_kernels.so` to load as is,
+with no compiler needed: for containers and hosts that run what a build host made
+(`augsvc build-kernels` prints the path). It must match the DALI version it was built
+against (see `build-info.json` beside it).
 """
 
 from __future__ import annotations
@@ -261,7 +266,10 @@ def load() -> Path:
         if _loaded is None:
             from nvidia.dali import plugin_manager
 
-            lib = build()
+            prebuilt = os.environ.get("AUGSVC_KERNEL_LIB")
+            if prebuilt and not Path(prebuilt).is_file():
+                raise KernelBuildError(f"AUGSVC_KERNEL_LIB={prebuilt} is not a file")
+            lib = Path(prebuilt) if prebuilt else build()
             plugin_manager.load_library(str(lib))
             _loaded = lib
         return _loaded

@@ -11,7 +11,10 @@ The build cache, its lock and the error messages are tested with a stubbed compi
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -326,3 +329,19 @@ def test_compiler_errors_are_reported(
         kernels.build()
     assert "augsvc-broken-on-purpose" in capsys.readouterr().err
     assert not list((tmp_path / "cache").glob(f"*/{kernels.LIB_NAME}"))
+
+
+def test_prebuilt_library_from_the_environment(tmp_path: Path) -> None:
+    """AUGSVC_KERNEL_LIB loads a given .so without building (hosts with no compiler)."""
+    lib = tmp_path / "libaugsvc_kernels.so"
+    shutil.copy(kernels.build(), lib)
+    code = ("from augsvc import kernels; import sys; p = kernels.load(); "
+            "print(p); sys.exit(0 if str(p) == sys.argv[1] else 3)")
+    env = {**os.environ, "AUGSVC_KERNEL_LIB": str(lib), "PATH": "/nonexistent"}
+    out = subprocess.run([sys.executable, "-c", code, str(lib)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    env["AUGSVC_KERNEL_LIB"] = str(tmp_path / "missing.so")
+    out = subprocess.run([sys.executable, "-c", code, str(lib)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "is not a file" in out.stderr
