@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ def gpu_count() -> int:
         return 0
 
 
-requires_gpu = pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU")
+def requires_gpu(test: Callable) -> Callable:
+    """Mark a test `gpu` (select with `pytest -m gpu`) and skip it where no GPU is visible."""
+    return pytest.mark.gpu(pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU")(test))
 
 
 def coordinate_image(h: int, w: int) -> np.ndarray:

@@ -236,7 +236,6 @@ def test_load_is_idempotent(plugin: Path) -> None:
     assert kernels.build() == plugin  # cached: same key, no rebuild
 
 
-@pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 def test_gpu_matches_oracle(batch: str) -> None:
@@ -245,7 +244,6 @@ def test_gpu_matches_oracle(batch: str) -> None:
     print(f"gpu {batch}: max |out - oracle| = {worst:.6f} levels")
 
 
-@pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 def test_gpu_agrees_with_cpu(batch: str) -> None:
