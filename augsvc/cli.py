@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from augsvc import __version__
+
 COMMANDS = ("stats", "preview", "build_kernels", "serve", "bench")
 
 
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="GPU data augmentation service: DALI pipelines with exact HSV jitter and "
         "fancy-PCA lighting, streamed to trainers over gRPC.",
     )
+    parser.add_argument("--version", action="version", version=f"augsvc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"augsvc.commands.{name}")

@@ -25,6 +25,8 @@ def augsvc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_and_explains_every_command() -> None:
     top = augsvc("--help")
     assert top.returncode == 0
+    version = augsvc("--version")
+    assert version.returncode == 0 and version.stdout.startswith("augsvc ")
     for name in COMMANDS:
         shown = name.replace("_", "-")
         assert shown in top.stdout
