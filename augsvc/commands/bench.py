@@ -23,10 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  (b)  end to end through `augsvc serve` (another process) to an AugmentLoader,\n"
         "       with the interval between batches at the loader (p50/p99)\n"
         "  (b') the same loader replaying batches from the server's batch cache: the wire\n"
+        "  (b'') the same cached batches as raw frames through the wire decoder, no\n"
+        "       assembly into arrays: the protocol alone\n"
         "  (c)  a bare gRPC stream of raw chunks of the same batch size (transport ceiling)\n"
         "  (d)  torchvision's DataLoader with RandomResizedCrop, RandomHorizontalFlip,\n"
         "       ColorJitter and Normalize, as many worker processes as --threads\n"
-        "and print the ratios (b)/(a), (b')/(c) and (a)/(d).",
+        "and print the ratios (b)/(a), (b')/(c), (b'')/(c) and (a)/(d).",
     )
     p.add_argument("--dataset", type=Path, default=None, metavar="PATH",
                    help="image folder or manifest to use (default: generate a photo-like "
