@@ -11,7 +11,9 @@
 (d) torchvision  a DataLoader with the closest equivalent transforms (`augsvc.baseline`),
              when an interpreter with torchvision is available
 
-Ratios: (b)/(a), (b')/(c), (b'')/(c) and (a)/(d).
+(a0) plain    (a) without the colour kernel: decode + crop + flip only
+
+Ratios: (a)/(a0), (b)/(a), (b')/(c), (b'')/(c) and (a)/(d).
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from augsvc.spec import AugmentSpec
 
+if TYPE_CHECKING:
+    from augsvc.dataset import DatasetIndex
+    from augsvc.stats import DatasetStats
+
 __all__ = ["BenchConfig", "Figure", "run_bench"]
 
+_COLOURS = ("#4c72b0", "#6f8fc7", "#55a868", "#8172b2", "#a395cc", "#c44e52", "#937860")
 SERVING_LINE = re.compile(r"serving .* on (\S+):(\d+)")
 
 
@@ -104,32 +112,43 @@ def _ratios(f: dict[str, Figure]) -> dict[str, float | None]:
             return f[a].mb_s / f[b].mb_s
         return None
 
-    return {"b/a": ratio("b", "a"), "b'/c": mb_ratio("b'", "c"), "b''/c": mb_ratio("b''", "c"),
-            "a/d": ratio("a", "d")}
+    return {"a/a0": ratio("a", "a0"), "b/a": ratio("b", "a"), "b'/c": mb_ratio("b'", "c"),
+            "b''/c": mb_ratio("b''", "c"), "a/d": ratio("a", "d")}
 
 
 # ------------------------------------------------------------------ measurements
 
 
 def _engine(cfg: BenchConfig, data: Path) -> list[Figure]:
-    """(a) Augmenter.run in a loop, batches of one epoch after another."""
+    """(a) Augmenter.run in a loop; (a0) the same without the colour kernel."""
     from augsvc.dataset import open_dataset
-    from augsvc.engine import Augmenter
-    from augsvc.sampling import EpochPlan
     from augsvc.stats import load_stats
 
     index = open_dataset(data)
-    engine = Augmenter(index, cfg.spec, load_stats(index, cfg.spec.stats),
-                       max_batch_size=cfg.batch_size, device=cfg.device,
+    stats = load_stats(index, cfg.spec.stats)
+    plain = cfg.spec.replace(hsv=False, pca=False)
+    return [
+        _timed("a", "(a) engine, in-process", _engine_batches(cfg, index, stats, cfg.spec),
+               cfg, _image_bytes(cfg.spec)),
+        _timed("a0", "(a0) engine, decode + crop + flip only",
+               _engine_batches(cfg, index, stats, plain), cfg, _image_bytes(cfg.spec),
+               note="the full chain without HSV and fancy PCA"),
+    ]
+
+
+def _engine_batches(cfg: BenchConfig, index: DatasetIndex, stats: DatasetStats,
+                    spec: AugmentSpec) -> Iterator[int]:
+    """Batches of one epoch after another through an in-process Augmenter."""
+    from augsvc.engine import Augmenter
+    from augsvc.sampling import EpochPlan
+
+    engine = Augmenter(index, spec, stats, max_batch_size=cfg.batch_size, device=cfg.device,
                        num_threads=cfg.threads)
     try:
-        def batches() -> Iterator[int]:
-            for epoch in range(1 << 30):
-                plan = EpochPlan(len(index), cfg.batch_size, 0, epoch, tail="pad")
-                for k in range(len(plan)):
-                    yield len(engine.run_batch(0, epoch, plan.batch(k)).images)
-
-        return [_timed("a", "(a) engine, in-process", batches(), cfg, _image_bytes(cfg.spec))]
+        for epoch in range(1 << 30):
+            plan = EpochPlan(len(index), cfg.batch_size, 0, epoch, tail="pad")
+            for k in range(len(plan)):
+                yield len(engine.run_batch(0, epoch, plan.batch(k)).images)
     finally:
         engine.close()
 
@@ -385,11 +404,12 @@ def format_table(result: dict) -> str:
     lines = [head, "-" * len(head)]
     lines += [_row(Figure(**f)) for f in result["figures"].values()]
     lines.append("")
-    targets = {"b/a": ">= 0.9", "b'/c": ">= 0.8 (MB/s)", "b''/c": "(protocol level, no target)",
-               "a/d": ">= 1.3"}
+    targets = {"a/a0": "target >= 0.95 on an H100 (the colour kernel's cost)",
+               "b/a": "target >= 0.9", "b'/c": "target >= 0.8 (MB/s)",
+               "b''/c": "the protocol alone (MB/s), no target", "a/d": "target >= 1.3"}
     for name, value in result["ratios"].items():
         shown = f"{value:.2f}" if value is not None else "-"
-        lines.append(f"ratio {name:<5} {shown:>6}   target {targets[name]}")
+        lines.append(f"ratio {name:<5} {shown:>6}   {targets[name]}")
     return "\n".join(lines)
 
 
@@ -403,7 +423,7 @@ def plot(result: dict, path: Path) -> None:
     figs = [f for f in result["figures"].values() if f["img_s"]]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     bars = ax.barh([f["label"] for f in figs], [f["img_s"] for f in figs],
-                   color=["#4c72b0", "#55a868", "#8172b2", "#c44e52", "#937860"][: len(figs)])
+                   color=[_COLOURS[i % len(_COLOURS)] for i in range(len(figs))])
     ax.bar_label(bars, labels=[f"{f['img_s']:,.0f} img/s  ({f['mb_s']:,.0f} MB/s)"
                                for f in figs], padding=4, fontsize=9)
     ax.invert_yaxis()

@@ -22,7 +22,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "b.json").read_text())
-    assert set(result["figures"]) == {"a", "b", "b'", "b''", "c"}
+    assert set(result["figures"]) == {"a", "a0", "b", "b'", "b''", "c"}
     for fig in result["figures"].values():
         assert fig["img_s"] > 0 and fig["mb_s"] > 0 and fig["p50_ms"] <= fig["p99_ms"]
     assert result["ratios"]["b/a"] > 0 and result["ratios"]["a/d"] is None
