@@ -87,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
-        bench.plot(result, args.plot)
+        try:
+            bench.plot(result, args.plot)
+        except ImportError as exc:
+            print(f"augsvc bench: --plot needs matplotlib ({exc}); pip install matplotlib",
+                  file=sys.stderr)
+            return 1
         print(f"wrote {args.plot}")
     return 0
