@@ -67,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from augsvc import bench
     from augsvc.spec import SpecError
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before minutes of measuring)
+        except ImportError as exc:
+            print(f"augsvc bench: --plot needs matplotlib ({exc}); pip install matplotlib",
+                  file=sys.stderr)
+            return 2
     try:
         spec = spec_from_args(args)
         if args.size:
@@ -87,11 +94,6 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
-        try:
-            bench.plot(result, args.plot)
-        except ImportError as exc:
-            print(f"augsvc bench: --plot needs matplotlib ({exc}); pip install matplotlib",
-                  file=sys.stderr)
-            return 1
+        bench.plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
