@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["KernelBuildError", "build", "color", "load"]
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels"
+# `augsvc/_kernels` links to the repository's `kernels/`; a wheel carries the files there
+SOURCE_DIR = Path(__file__).parent / "_kernels"
 CPU_SOURCES = ("augsvc_color.cc", "color_cpu.cc")
 GPU_SOURCES = ("augsvc_color.cu",)
 HEADERS = ("augsvc_color.h", "color_cpu.h", "color_math.h")
