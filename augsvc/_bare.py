@@ -14,7 +14,7 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 
 import grpc
@@ -36,42 +36,66 @@ def _handler(payload: bytes, chunk: int) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("augsvc.bench.Bare", {"Stream": method})
 
 
-def receive(address: str, streams: int, payload_bytes: int) -> Iterator[None]:
-    """Yield once per `payload_bytes` received over `streams` connections, forever."""
+def channel(address: str, i: int) -> grpc.Channel:
+    """Connection number i to `address` (distinct args: grpc would share one otherwise)."""
+    options = [*wire.channel_options(), ("grpc.channel_id", i),
+               ("grpc.use_local_subchannel_pool", 1)]
+    return grpc.insecure_channel(address, options=options)
+
+
+def count_batches(streams: int, payload_bytes: int,
+                  messages: Callable[[int], Iterable[object]]) -> Iterator[None]:
+    """Yield once per `payload_bytes` of payload received over `streams` threads, forever.
+
+    `messages(i)` is thread i's endless iterable of received messages; bytes and
+    memoryviews count as payload, anything else (a batch header) is skipped.
+    """
     done: queue.Queue[None] = queue.Queue(maxsize=4 * streams)
     stop = threading.Event()
-    calls = []
 
     def run(i: int) -> None:
-        options = [*wire.channel_options(), ("grpc.channel_id", i),
-                   ("grpc.use_local_subchannel_pool", 1)]
-        channel = grpc.insecure_channel(address, options=options)
-        call = channel.unary_stream(METHOD)(b"")
-        calls.append(call)
         got = 0
         try:
-            for data in call:
-                got += len(data)
-                while got >= payload_bytes:
-                    got -= payload_bytes
-                    done.put(None)
+            for message in messages(i):
+                if isinstance(message, (bytes, memoryview)):
+                    got += len(message)
+                    while got >= payload_bytes:
+                        got -= payload_bytes
+                        if not _put(done, stop):
+                            return
                 if stop.is_set():
-                    break
+                    return
         except grpc.RpcError:
-            pass
-        finally:
-            channel.close()
+            return  # the server went away: the consumer's timeout reports it
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
+    for i in range(streams):
+        threading.Thread(target=run, args=(i,), daemon=True).start()
     try:
         while True:
-            yield done.get(timeout=60)
+            yield done.get(timeout=120)
     finally:
         stop.set()
-        for call in calls:
-            call.cancel()
+
+
+def _put(done: queue.Queue[None], stop: threading.Event) -> bool:
+    """Report one payload; False once the consumer has stopped (never blocks for good)."""
+    while not stop.is_set():
+        try:
+            done.put(None, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def receive(address: str, streams: int, payload_bytes: int) -> Iterator[None]:
+    """The bare stream of `main`'s server, counted in payloads of `payload_bytes`."""
+
+    def messages(i: int) -> Iterator[bytes]:
+        with channel(address, i) as ch:
+            yield from ch.unary_stream(METHOD)(b"")
+
+    return count_batches(streams, payload_bytes, messages)
 
 
 def main(argv: list[str] | None = None) -> int:

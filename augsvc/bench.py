@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -197,44 +196,22 @@ def _frames(address: str, cfg: BenchConfig, epochs: int) -> Iterator[int]:
     """The cached epochs as raw StreamBatches frames over the loader's number of streams."""
     import itertools
 
-    import grpc
-
-    from augsvc import wire
+    from augsvc import _bare, wire
     from augsvc._proto import augment_pb2 as pb
     from augsvc.protocol import spec_to_proto
 
-    payload = cfg.batch_size * _image_bytes(cfg.spec)
-    streams = cfg.streams * cfg.workers
-    done: queue.Queue[None] = queue.Queue(maxsize=4 * streams)
-    stop = threading.Event()
-
-    def run(i: int) -> None:
-        options = [*wire.channel_options(), ("grpc.channel_id", i),
-                   ("grpc.use_local_subchannel_pool", 1)]
-        with grpc.insecure_channel(address, options=options) as channel:
-            stub, got = wire.AugmentStub(channel), 0
+    def messages(i: int) -> Iterator[object]:
+        with _bare.channel(address, i) as channel:
+            stub = wire.AugmentStub(channel)
             for epoch in itertools.cycle(range(epochs)):
                 request = pb.StreamBatchesRequest(
                     dataset="bench", spec=spec_to_proto(cfg.spec), seed=0, epoch=epoch,
                     batch_size=cfg.batch_size, tail="pad")
-                for frame in stub.StreamBatches(request, timeout=600):
-                    if isinstance(frame, memoryview):
-                        got += len(frame)
-                        while got >= payload:
-                            got -= payload
-                            done.put(None)
-                    if stop.is_set():
-                        return
+                yield from stub.StreamBatches(request, timeout=600)
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
-    try:
-        while True:
-            done.get(timeout=120)
-            yield cfg.batch_size
-    finally:
-        stop.set()
+    payload = cfg.batch_size * _image_bytes(cfg.spec)
+    for _ in _bare.count_batches(cfg.streams * cfg.workers, payload, messages):
+        yield cfg.batch_size
 
 
 def _bare(cfg: BenchConfig, data: Path) -> list[Figure]:
