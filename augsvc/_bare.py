@@ -36,11 +36,9 @@ def _handler(payload: bytes, chunk: int) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("augsvc.bench.Bare", {"Stream": method})
 
 
-def channel(address: str, i: int) -> grpc.Channel:
-    """Connection number i to `address` (distinct args: grpc would share one otherwise)."""
-    options = [*wire.channel_options(), ("grpc.channel_id", i),
-               ("grpc.use_local_subchannel_pool", 1)]
-    return grpc.insecure_channel(address, options=options)
+def channel(address: str) -> grpc.Channel:
+    """A plaintext channel to `address` on its own connection."""
+    return grpc.insecure_channel(address, options=wire.channel_options(own_connection=True))
 
 
 def count_batches(streams: int, payload_bytes: int,
@@ -92,7 +90,7 @@ def receive(address: str, streams: int, payload_bytes: int) -> Iterator[None]:
     """The bare stream of `main`'s server, counted in payloads of `payload_bytes`."""
 
     def messages(i: int) -> Iterator[bytes]:
-        with channel(address, i) as ch:
+        with channel(address) as ch:
             yield from ch.unary_stream(METHOD)(b"")
 
     return count_batches(streams, payload_bytes, messages)

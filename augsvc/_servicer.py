@@ -203,8 +203,12 @@ class _Producer:
 
     def _run(self) -> None:
         job, request = self._job, self._job.request
+        cached = [self._cache.get(job.cache_key(k)) for k in job.batches]
         try:
-            if self._send_cached():
+            if all(frames is not None for frames in cached):  # no pipeline needed
+                for k, frames in zip(job.batches, cached, strict=True):
+                    if not self._put((k, frames)):
+                        return
                 return
             try:
                 key, augmenter = self._pool.acquire(job.entry, request.spec, job.stats,
@@ -214,10 +218,9 @@ class _Producer:
                 return
             reusable = True
             try:
-                for k in job.batches:
+                for k, frames in zip(job.batches, cached, strict=True):
                     if self.cancelled.is_set():
                         return
-                    frames = self._cache.get(job.cache_key(k))
                     if frames is None:
                         result = augmenter.run_batch(request.seed, request.epoch,
                                                      job.plan.batch(k, request.rank))
@@ -235,17 +238,6 @@ class _Producer:
                     augmenter.close()
         finally:
             self._threads.discard(self._thread)
-
-    def _send_cached(self) -> bool:
-        """Send the whole job from the cache without taking a pipeline, if it is all there."""
-        job = self._job
-        cached = [self._cache.get(job.cache_key(k)) for k in job.batches]
-        if any(frames is None for frames in cached):
-            return False
-        for k, frames in zip(job.batches, cached, strict=True):
-            if not self._put((k, frames)):
-                break
-        return True
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

@@ -21,7 +21,6 @@ One iteration over a loader is one `Fetcher`. It deals the epoch's batches out t
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 import os
 import random
@@ -54,7 +53,6 @@ FATAL_CODES = frozenset({
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 2.0
 WATCH_INTERVAL_S = 0.2
-_channel_ids = itertools.count(1)
 
 
 class AugsvcError(RuntimeError):
@@ -147,11 +145,7 @@ class ServerPool:
 
     def channel(self, target: str) -> grpc.Channel:
         """A channel on its own connection (distinct args, no shared subchannel pool)."""
-        options = [
-            *wire.channel_options(),
-            ("grpc.channel_id", next(_channel_ids)),
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
+        options = wire.channel_options(own_connection=True)
         if self.root_certificates is not None:
             chain, key = self.client_certificate or (None, None)
             creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates,

@@ -201,7 +201,7 @@ def _frames(address: str, cfg: BenchConfig, epochs: int) -> Iterator[int]:
     from augsvc.protocol import spec_to_proto
 
     def messages(i: int) -> Iterator[object]:
-        with _bare.channel(address, i) as channel:
+        with _bare.channel(address) as channel:
             stub = wire.AugmentStub(channel)
             for epoch in itertools.cycle(range(epochs)):
                 request = pb.StreamBatchesRequest(

@@ -17,6 +17,7 @@ they install these serializers for StreamBatches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -82,12 +83,24 @@ class DroppedSample:
     reason: str
 
 
-def channel_options() -> list[tuple[str, Any]]:
-    """gRPC channel options every augsvc client sets (a fresh list; extend it freely)."""
-    return [
+_channel_ids = itertools.count(1)
+
+
+def channel_options(*, own_connection: bool = False) -> list[tuple[str, Any]]:
+    """gRPC channel options every augsvc client sets (a fresh list; extend it freely).
+
+    `own_connection=True` gives the channel its own TCP connection: grpc shares one
+    between channels with equal arguments, so a distinct `grpc.channel_id` and no
+    shared subchannel pool are added (how a client spreads streams over workers).
+    """
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
+    if own_connection:
+        options += [("grpc.channel_id", next(_channel_ids)),
+                    ("grpc.use_local_subchannel_pool", 1)]
+    return options
 
 
 def server_options() -> list[tuple[str, Any]]:

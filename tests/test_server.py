@@ -8,7 +8,6 @@ well under a minute on two cores.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import signal
@@ -39,7 +38,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FAST = ("--dali-threads", "1", "--io-threads", "2")
 SMALL = AugmentSpec(size=(32, 32), hsv=False, pca=False)
 TOKEN = "s3cret-token-for-tests"
-_channel_ids = itertools.count()
 
 
 # ---------------------------------------------------------------------------
@@ -50,8 +48,7 @@ _channel_ids = itertools.count()
 def connect(address: str, credentials: grpc.ChannelCredentials | None = None,
             ) -> Iterator[grpc.Channel]:
     """A channel with its own connection (distinct args: grpc may share otherwise)."""
-    options = [*wire.channel_options(), ("grpc.channel_id", next(_channel_ids)),
-               ("grpc.use_local_subchannel_pool", 1)]
+    options = wire.channel_options(own_connection=True)
     if credentials is None:
         channel = grpc.insecure_channel(address, options=options)
     else:
