@@ -162,17 +162,14 @@ def _service(cfg: BenchConfig, data: Path) -> list[Figure]:
         loader = AugmentLoader(address, "bench", cfg.spec, batch_size=cfg.batch_size,
                                streams_per_server=cfg.streams, tail="pad", timeout=120)
         with loader:
-            served: list[int] = []
-
             def live() -> Iterator[int]:
                 for epoch in range(1 << 30):
                     loader.set_epoch(epoch)
                     for images, _ in loader:
-                        served.append(epoch)
                         yield len(images)
 
             b = _timed("b", "(b) service, end to end", live(), cfg, _image_bytes(cfg.spec))
-            epochs_done = max(served) if served else 0  # last epoch may be partial: skip it
+            epochs_done = loader.epoch  # the epoch in progress may be partial: skip it
 
             def replay() -> Iterator[int]:
                 while True:
