@@ -167,8 +167,10 @@ class _Producer:
     """Runs a job's batches on a pooled pipeline into a bounded queue (one thread)."""
 
     def __init__(self, pool: PipelinePool, job: _Job, depth: int,
-                 threads: set[threading.Thread], cache: BatchCache) -> None:
+                 threads: set[threading.Thread], cache: BatchCache,
+                 cached: list[tuple[bytes, ...] | None]) -> None:
         self._pool, self._job, self._threads, self._cache = pool, job, threads, cache
+        self._cached = cached  # the job's batches already in the cache (None: to make)
         self._queue: queue.Queue[tuple[int, tuple[bytes, ...]] | _Failure] = queue.Queue(depth)
         self.cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="augsvc-producer", daemon=True)
@@ -202,14 +204,8 @@ class _Producer:
         return False
 
     def _run(self) -> None:
-        job, request = self._job, self._job.request
-        cached = [self._cache.get(job.cache_key(k)) for k in job.batches]
+        job, request, cached = self._job, self._job.request, self._cached
         try:
-            if all(frames is not None for frames in cached):  # no pipeline needed
-                for k, frames in zip(job.batches, cached, strict=True):
-                    if not self._put((k, frames)):
-                        return
-                return
             try:
                 key, augmenter = self._pool.acquire(job.entry, request.spec, job.stats,
                                                     request.batch_size)
@@ -336,7 +332,13 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         # must wait for them to be delivered.
         if not context.add_callback(release):
             release()
-        producer = _Producer(self.pool, job, self.prefetch, self._producers, self.cache)
+        cached = [self.cache.get(job.cache_key(k)) for k in job.batches]
+        if all(frames is not None for frames in cached):  # no pipeline, no producer thread
+            for frames in cached:
+                yield from frames
+            return
+        producer = _Producer(self.pool, job, self.prefetch, self._producers, self.cache,
+                             cached)
         context.add_callback(producer.cancel)
         req, peer = job.request, context.peer()
         progress = {"sent": 0, "failed": False}

@@ -3,11 +3,13 @@
 One iteration over a loader is one `Fetcher`. It deals the epoch's batches out to
 `streams_per_server` threads per server, each on its own gRPC connection:
 
-* `Schedule` holds the positions (in the order the consumer wants them) still to be
-  fetched, a reorder buffer of finished batches and the read-ahead limit. A stream
-  takes a small group of the lowest pending positions below
-  `next to yield + readahead`, so at most `readahead` batches are requested or
-  buffered ahead of the consumer: memory stays bounded.
+* A pass's `order` maps positions (the order the consumer wants them) to
+  `(epoch, batch)` pairs; one pass may run through several epochs back to back, so
+  read-ahead continues across an epoch boundary instead of draining the streams.
+* `Schedule` hands out positions lazily: those handed back after a failure first, then
+  fresh ones, never at or past `next to yield + readahead`, so at most `readahead`
+  batches are requested or buffered ahead of the consumer: memory stays bounded, however
+  long the pass. A stream takes a small group of positions of one epoch.
 * `Stream` opens one StreamBatches call per group and feeds its frames to a
   `wire.BatchAssembler`, which copies each chunk straight into the output array
   (numpy, or pinned torch memory). On a retryable failure it hands the group's
@@ -24,6 +26,7 @@ import heapq
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -192,12 +195,13 @@ class ServerPool:
 
 
 class Schedule:
-    """Pending positions, reorder buffer and read-ahead limit, under one condition."""
+    """Positions to fetch, reorder buffer and read-ahead limit, under one condition."""
 
     def __init__(self, count: int, readahead: int) -> None:
         self.count, self.readahead = count, readahead
         self.cond = threading.Condition()
-        self.pending = list(range(count))  # a heap
+        self.fresh = 0  # positions below this were handed out (at least once)
+        self.retry: list[int] = []  # a heap of positions handed back
         self.done: dict[int, Any] = {}
         self.next = 0  # the position the consumer waits for
         self.error: BaseException | None = None
@@ -205,19 +209,31 @@ class Schedule:
         self.live_streams = 0
         self.last_progress = time.monotonic()
 
-    def take(self, n: int, alive: Callable[[], bool]) -> list[int] | None:
-        """Up to n lowest pending positions below the read-ahead limit; None: stop."""
+    def take(self, n: int, alive: Callable[[], bool],
+             together: Callable[[int, int], bool]) -> list[int] | None:
+        """Up to n lowest positions to fetch below the read-ahead limit, each one
+        `together(first, p)` with the first; None: stop."""
         with self.cond:
             while True:
                 if self.closed or self.error is not None or not alive():
                     return None
                 if self.next >= self.count:
                     return None
-                limit = self.next + self.readahead
-                if self.pending and self.pending[0] < limit:
-                    group = []
-                    while self.pending and self.pending[0] < limit and len(group) < n:
-                        group.append(heapq.heappop(self.pending))
+                limit = min(self.next + self.readahead, self.count)
+                group: list[int] = []
+                while len(group) < n:
+                    retry = bool(self.retry) and self.retry[0] < limit
+                    if not retry and self.fresh >= limit:
+                        break
+                    p = self.retry[0] if retry else self.fresh
+                    if group and not together(group[0], p):
+                        break
+                    if retry:
+                        heapq.heappop(self.retry)
+                    else:
+                        self.fresh += 1
+                    group.append(p)
+                if group:
                     return group
                 self.cond.wait(WATCH_INTERVAL_S)
 
@@ -231,7 +247,7 @@ class Schedule:
     def requeue(self, positions: Sequence[int]) -> None:
         with self.cond:
             for p in positions:
-                heapq.heappush(self.pending, p)
+                heapq.heappush(self.retry, p)
             self.last_progress = time.monotonic()
             self.cond.notify_all()
 
@@ -278,6 +294,33 @@ class Schedule:
             self.closed = True
             self.done.clear()
             self.cond.notify_all()
+
+
+class PassOrder(Sequence[tuple[int, int]]):
+    """The `(epoch, batch)` pairs of a pass, computed on demand: `epochs` epochs (None:
+    without end) of `batches` batches each from epoch `epoch`, the first starting at
+    batch `start`, the others at 0."""
+
+    def __init__(self, epoch: int, batches: int, start: int = 0, epochs: int | None = 1
+                 ) -> None:
+        if not 0 <= start <= batches:
+            raise ValueError(f"start {start} is outside an epoch of {batches} batches")
+        self.epoch, self.batches, self.start, self.epochs = epoch, batches, start, epochs
+        if batches == 0 or epochs == 0:
+            self._len = 0
+        elif epochs is None:
+            self._len = sys.maxsize
+        else:
+            self._len = epochs * batches - start
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, position: int) -> tuple[int, int]:  # type: ignore[override]
+        if not 0 <= position < self._len:
+            raise IndexError(position)
+        epochs, batch = divmod(self.start + position, self.batches)
+        return self.epoch + epochs, batch
 
 
 # ---------------------------------------------------------------------------
@@ -327,7 +370,7 @@ class Stream(threading.Thread):
         try:
             stub = wire.AugmentStub(f.channels.get(self.server.target, self.slot))
             alive = lambda: not self.server.dead  # noqa: E731
-            while (group := f.schedule.take(f.group_size, alive)) is not None:
+            while (group := f.schedule.take(f.group_size, alive, f.same_epoch)) is not None:
                 delay = self._fetch(stub, group)
                 if delay is None and self.server.dead:
                     return
@@ -355,7 +398,8 @@ class Stream(threading.Thread):
         unfinished = list(group)
         request = pb.StreamBatchesRequest()
         request.CopyFrom(f.request)
-        request.batches.extend(f.order[p] for p in group)
+        request.epoch = f.order[group[0]][0]
+        request.batches.extend(f.order[p][1] for p in group)
         try:
             call = stub.StreamBatches(request, timeout=f.pool.timeout * (1 + len(group)),
                                       metadata=f.pool.metadata)
@@ -372,7 +416,7 @@ class Stream(threading.Thread):
                 if batch is None:
                     continue
                 position = unfinished[0]
-                f.check(batch.header, f.order[position], self.server.target)
+                f.check(batch.header, f.order[position][1], self.server.target)
                 f.schedule.complete(position, f.finish(batch))
                 unfinished.pop(0)
                 self.server.succeeded()
@@ -410,7 +454,9 @@ class Stream(threading.Thread):
 
 
 class Fetcher:
-    """One pass over `order` (a rank's batch numbers): streams, reordering, failover.
+    """One pass over `order` (a rank's `(epoch, batch)` pairs, a `PassOrder` or a list):
+    streams, reordering, failover. `request` is the template of every call (its epoch
+    and batches are set per call).
 
     `finish(assembled)` turns an `AssembledBatch` into the item handed to `get`;
     `check(header, batch_number, server)` raises `wire.WireError` for a header that
@@ -421,7 +467,7 @@ class Fetcher:
         self,
         pool: ServerPool,
         request: pb.StreamBatchesRequest,
-        order: Sequence[int],
+        order: Sequence[tuple[int, int]],
         *,
         channels: ChannelCache,
         streams_per_server: int,
@@ -431,7 +477,7 @@ class Fetcher:
         finish: Callable[[wire.AssembledBatch], Any],
         check: Callable[[pb.BatchHeader, int, str], None],
     ) -> None:
-        self.pool, self.request, self.order = pool, request, list(order)
+        self.pool, self.request, self.order = pool, request, order
         self.channels = channels
         self.group_size = group_size
         self.allocate, self.finish, self.check = allocate, finish, check
@@ -454,6 +500,10 @@ class Fetcher:
 
     def __len__(self) -> int:
         return len(self.order)
+
+    def same_epoch(self, a: int, b: int) -> bool:
+        """Whether positions a and b may share a call (one request has one epoch)."""
+        return self.order[a][0] == self.order[b][0]
 
     def get(self, position: int) -> Any:
         """The finished batch at `position` of `order`, waiting for it (no hang: see watch)."""

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,7 +136,7 @@ def _engine(cfg: BenchConfig, data: Path) -> list[Figure]:
 
 
 def _engine_batches(cfg: BenchConfig, index: DatasetIndex, stats: DatasetStats,
-                    spec: AugmentSpec) -> Iterator[int]:
+                    spec: AugmentSpec) -> Generator[int, None, None]:
     """Batches of one epoch after another through an in-process Augmenter."""
     from augsvc.engine import Augmenter
     from augsvc.sampling import EpochPlan
@@ -162,21 +162,15 @@ def _service(cfg: BenchConfig, data: Path) -> list[Figure]:
         loader = AugmentLoader(address, "bench", cfg.spec, batch_size=cfg.batch_size,
                                streams_per_server=cfg.streams, tail="pad", timeout=120)
         with loader:
-            def live() -> Iterator[int]:
-                for epoch in range(1 << 30):
-                    loader.set_epoch(epoch)
-                    for images, _ in loader:
-                        yield len(images)
-
-            b = _timed("b", "(b) service, end to end", live(), cfg, _image_bytes(cfg.spec))
+            live = (len(images) for images, _ in loader.epochs())
+            b = _timed("b", "(b) service, end to end", live, cfg, _image_bytes(cfg.spec))
             epochs_done = loader.epoch  # the epoch in progress may be partial: skip it
 
-            def replay() -> Iterator[int]:
-                while True:
-                    for epoch in range(max(epochs_done, 1)):
-                        loader.set_epoch(epoch)
-                        for images, _ in loader:
-                            yield len(images)
+            def replay() -> Generator[int, None, None]:
+                while True:  # one pass over the cached epochs, read-ahead across them
+                    loader.set_epoch(0)
+                    for images, _ in loader.epochs(max(epochs_done, 1)):
+                        yield len(images)
 
             note = f"replays epoch(s) 0..{max(epochs_done, 1) - 1} from the server's batch cache"
             if epochs_done == 0:
@@ -189,7 +183,7 @@ def _service(cfg: BenchConfig, data: Path) -> list[Figure]:
     return [b, wire, frames]
 
 
-def _frames(address: str, cfg: BenchConfig, epochs: int) -> Iterator[int]:
+def _frames(address: str, cfg: BenchConfig, epochs: int) -> Generator[int, None, None]:
     """The cached epochs as raw StreamBatches frames over the loader's number of streams."""
     import itertools
 
@@ -249,23 +243,25 @@ def _torchvision(cfg: BenchConfig, data: Path) -> list[Figure]:
     return [fig]
 
 
-def _timed(key: str, label: str, batches: Iterator[int], cfg: BenchConfig,
+def _timed(key: str, label: str, batches: Generator[int, None, None], cfg: BenchConfig,
            bytes_per_image: int, note: str = "") -> Figure:
-    """Consume `batches` (each yields its image count) for cfg.duration s after a warm-up."""
-    next(batches)  # warm-up: pipelines built, streams open
-    stamps = [time.perf_counter()]
-    images = 0
-    shown = stamps[0]
-    tty = sys.stderr.isatty()
-    while stamps[-1] - stamps[0] < cfg.duration:
-        images += next(batches)
-        stamps.append(time.perf_counter())
-        if tty and stamps[-1] - shown > 0.25:
-            shown = stamps[-1]
-            elapsed = shown - stamps[0]
-            sys.stderr.write(f"\r      {key}: {elapsed:4.1f}/{cfg.duration:.0f} s, "
-                             f"{images / elapsed:8.1f} img/s ")
-            sys.stderr.flush()
+    """Consume `batches` (each yields its image count) for cfg.duration s after a warm-up,
+    then close it (its streams stop)."""
+    with contextlib.closing(batches):
+        next(batches)  # warm-up: pipelines built, streams open
+        stamps = [time.perf_counter()]
+        images = 0
+        shown = stamps[0]
+        tty = sys.stderr.isatty()
+        while stamps[-1] - stamps[0] < cfg.duration:
+            images += next(batches)
+            stamps.append(time.perf_counter())
+            if tty and stamps[-1] - shown > 0.25:
+                shown = stamps[-1]
+                elapsed = shown - stamps[0]
+                sys.stderr.write(f"\r      {key}: {elapsed:4.1f}/{cfg.duration:.0f} s, "
+                                 f"{images / elapsed:8.1f} img/s ")
+                sys.stderr.flush()
     if tty:
         sys.stderr.write("\r" + " " * 60 + "\r")
     seconds = stamps[-1] - stamps[0]

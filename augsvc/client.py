@@ -8,8 +8,15 @@
             for images, labels in loader:
                 ...
 
+        # or every epoch in one pass, read-ahead running across the epoch boundaries:
+        loader.set_epoch(start_epoch)
+        for images, labels in loader.epochs(epochs - start_epoch):
+            ...  # loader.epoch is the epoch of the batch just yielded
+
 * **Iteration.** Each pass yields this rank's batches of the current epoch, in order
-  (`len(loader)` of them; the arithmetic of `augsvc.sampling.EpochPlan`), as
+  (`len(loader)` of them; the arithmetic of `augsvc.sampling.EpochPlan`);
+  `loader.epochs(count)` yields `count` epochs (None: without end) in one pass, with no
+  stall at the epoch boundaries. Batches come as
   `(images, labels)`; with `return_meta=True`, `(images, labels, meta)` where `meta` is a
   `BatchMeta` (batch number, sample ids, draw ids, dropped samples). `loader.last_meta`
   always holds the meta of the batch yielded last, and `loader.last_dropped` its dropped
@@ -37,6 +44,9 @@
 * **Security.** `token` is sent as `authorization: Bearer <token>`; `root_certificates`
   (PEM bytes, text or a path) turns TLS on; `client_certificate=(chain, key)` adds the
   client certificate a mutual-TLS server (`--tls-client-ca`) requires.
+* **Memory.** `tune_malloc=True` (the default) sets glibc's malloc thresholds for this
+  process on the first pass so received chunks and batches reuse heap memory instead of
+  page-faulting it in again (`augsvc.memory`); `False` leaves malloc alone.
 * **Timeouts.** `timeout` (s) bounds every wait on a server: a unary call's deadline, the
   silence after which a stream is abandoned, and `timeout x (1 + batches)` for the
   deadline of a StreamBatches call.
@@ -59,9 +69,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from augsvc import wire
+from augsvc import memory, wire
 from augsvc._proto import augment_pb2 as pb
-from augsvc._streams import AugsvcError, ChannelCache, Fetcher, ServerPool, pem_bytes
+from augsvc._streams import (
+    AugsvcError,
+    ChannelCache,
+    Fetcher,
+    PassOrder,
+    ServerPool,
+    pem_bytes,
+)
 from augsvc.protocol import spec_to_proto
 from augsvc.sampling import TAILS
 from augsvc.spec import AugmentSpec, SpecError
@@ -144,6 +161,7 @@ class AugmentLoader:
         max_retries: int = 3,
         prefetch: int | None = None,
         batches_per_request: int = 2,
+        tune_malloc: bool = True,
     ) -> None:
         targets = (servers,) if isinstance(servers, str) else tuple(servers)
         if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
@@ -172,7 +190,7 @@ class AugmentLoader:
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
         for name, value in (("balance", balance), ("normalize", normalize),
-                            ("return_meta", return_meta)):
+                            ("return_meta", return_meta), ("tune_malloc", tune_malloc)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         if output not in OUTPUTS:
@@ -195,6 +213,7 @@ class AugmentLoader:
         self.output, self.normalize, self.return_meta = output, normalize, return_meta
         self.streams_per_server = streams_per_server
         self.batches_per_request = batches_per_request
+        self.tune_malloc = tune_malloc
         if client_certificate is not None and root_certificates is None:
             raise ValueError("client_certificate (mutual TLS) needs root_certificates (TLS)")
         client_pem = (None if client_certificate is None
@@ -281,9 +300,22 @@ class AugmentLoader:
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         """This rank's batches of the epoch, from batch 0 or the loaded resume point."""
+        return self.epochs(1)
+
+    def epochs(self, count: int | None = None) -> Iterator[tuple[Any, ...]]:
+        """`count` epochs back to back from the current one (None: without end).
+
+        Like iterating the loader once per epoch with `set_epoch`, but the streams
+        read ahead across each epoch boundary instead of draining at the end of every
+        epoch. The first epoch starts at the loaded resume point, if any; `epoch` and
+        `state_dict()` follow the batch yielded last.
+        """
+        if count is not None:
+            _int("count", count, 1, _U64 - self._epoch + 1)
+        n = len(self)
         start = self._start()
         self._cursor = start
-        return self._run(range(start, len(self)), track=True, pin=None)
+        return self._run(PassOrder(self._epoch, n, start, count), track=True, pin=None)
 
     def _start(self) -> int:
         n = len(self)
@@ -298,22 +330,28 @@ class AugmentLoader:
         if self._device is not None:
             raise ValueError("device must be None in DataLoader workers; use pin_memory=True")
         start = self._start()
-        return self._run(range(start, len(self))[worker::num_workers], track=False, pin=False)
+        order = [(self._epoch, b) for b in range(start, len(self))[worker::num_workers]]
+        return self._run(order, track=False, pin=False)
 
-    def _run(self, order: Sequence[int], *, track: bool, pin: bool | None) -> Iterator[Any]:
+    def _run(self, order: Sequence[tuple[int, int]], *, track: bool,
+             pin: bool | None) -> Iterator[Any]:
+        if self.tune_malloc:
+            memory.tune_malloc()
         with self._lock:
             if self._fetcher is not None:
                 self._fetcher.close()
             fetcher = self._fetcher = self._make_fetcher(order, pin)
         return self._generate(fetcher, order, track)
 
-    def _generate(self, fetcher: Fetcher, order: Sequence[int], track: bool) -> Iterator[Any]:
+    def _generate(self, fetcher: Fetcher, order: Sequence[tuple[int, int]],
+                  track: bool) -> Iterator[Any]:
         try:
-            for position, index in enumerate(order):
+            for position in range(len(order)):
                 images, labels, meta = fetcher.get(position)
                 images, labels = self._deliver(images, labels)
                 if track:
-                    self._cursor = index + 1
+                    epoch, index = order[position]
+                    self._epoch, self._cursor = epoch, index + 1
                 self.last_meta = meta
                 yield (images, labels, meta) if self.return_meta else (images, labels)
         finally:
@@ -327,9 +365,9 @@ class AugmentLoader:
         """The samples left out of the batch yielded last."""
         return self.last_meta.dropped if self.last_meta is not None else ()
 
-    def _make_fetcher(self, order: Sequence[int], pin: bool | None) -> Fetcher:
+    def _make_fetcher(self, order: Sequence[tuple[int, int]], pin: bool | None) -> Fetcher:
         request = pb.StreamBatchesRequest(
-            dataset=self.dataset, spec=self._spec_proto, seed=self.seed, epoch=self._epoch,
+            dataset=self.dataset, spec=self._spec_proto, seed=self.seed,
             rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
             tail=self.tail, balance=self.balance,
         )

@@ -364,7 +364,7 @@ class BatchAssembler:
         """Forget any incomplete batch (e.g. after its stream failed)."""
         self.pending: pb.BatchHeader | None = None  # header of the incomplete batch
         self._out: np.ndarray | None = None
-        self._view: memoryview | None = None
+        self._view: np.ndarray | None = None  # the output as flat bytes
         self._pos = self._size = self._chunks = self._num_chunks = 0
 
     def feed(self, frame: pb.BatchHeader | memoryview | bytes) -> AssembledBatch | None:
@@ -382,7 +382,7 @@ class BatchAssembler:
         if end > self._size:
             raise WireError(f"batch {self.pending.batch_index}: chunks carry more than the "
                             f"{self._size} payload bytes of its header")
-        view[self._pos : end] = frame
+        np.copyto(view[self._pos : end], np.frombuffer(frame, np.uint8))  # GIL released
         self._pos = end
         self._chunks += 1
         if self._chunks == self._num_chunks:
@@ -418,7 +418,7 @@ class BatchAssembler:
         if header.num_chunks == 0:
             return AssembledBatch(header, out)
         self.pending, self._out = header, out
-        self._view = memoryview(out.reshape(-1).view(np.uint8))
+        self._view = out.reshape(-1).view(np.uint8)
         self._pos, self._size = 0, size
         self._chunks, self._num_chunks = 0, header.num_chunks
         return None

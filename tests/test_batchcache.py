@@ -51,8 +51,17 @@ def test_repeated_request_is_served_from_the_cache(jpeg_folder: Path) -> None:
             assert cache.hits == hits + 2
             different = fetch(other)  # another seed is another key
             assert cache.hits == hits + 2
+            mixed = pb.StreamBatchesRequest()
+            mixed.CopyFrom(request)
+            mixed.ClearField("batches")
+            mixed.batches.extend([0, 1, 2])  # 0 and 2 cached, 1 made by the pipeline
+            partly = fetch(mixed)
+            assert cache.hits == hits + 4
     finally:
         server.shutdown(grace=1)
     for a, b in zip(first, again, strict=True):
         assert a.header == b.header and np.array_equal(a.array, b.array)
     assert not np.array_equal(first[0].array, different[0].array)
+    assert [b.header.batch_index for b in partly] == [0, 1, 2]
+    for a, b in zip(first, partly[::2], strict=True):
+        assert a.header == b.header and np.array_equal(a.array, b.array)

@@ -209,6 +209,7 @@ class FakeServicer(pb_grpc.AugmentServicer):
     def __init__(self, token: str | None = None) -> None:
         self.calls = 0
         self.requested: list[list[int]] = []
+        self.epochs: list[int] = []  # the epoch of each call
         self.fault: Callable[[int, pb.StreamBatchesRequest], tuple | None] = lambda i, r: None
         self.token = token
         self._lock = threading.Lock()
@@ -237,6 +238,7 @@ class FakeServicer(pb_grpc.AugmentServicer):
         with self._lock:
             call, self.calls = self.calls, self.calls + 1
             self.requested.append(list(req.batches))
+            self.epochs.append(req.epoch)
         fault = self.fault(call, request)
         plan = EpochPlan(NUM_SAMPLES, req.batch_size, req.seed, req.epoch, req.rank,
                          req.world_size, req.tail)
@@ -330,6 +332,58 @@ def test_epochs_and_resume(fake):
     # a finished epoch resumes as empty; the next pass starts over
     assert resumed.state_dict()["next_batch"] == len(resumed)
     assert len(list(resumed)) == len(resumed)
+
+
+def test_epochs_back_to_back(fake):
+    a, b = fake(), fake()
+    kwargs = {"seed": 4, "streams_per_server": 2, "batches_per_request": 2, "prefetch": 3,
+              "return_meta": True}
+    with AugmentLoader([a.address, b.address], "photos", SPEC, 3, epoch=1, **kwargs) as loader:
+        n = len(loader)
+        seen_epochs = []
+        got = []
+        for item in loader.epochs(3):
+            got.append(item)
+            seen_epochs.append(loader.epoch)
+        assert loader.state_dict()["epoch"] == 3 and loader.state_dict()["next_batch"] == n
+    want = [w for e in (1, 2, 3) for w in expected_epoch(4, e, 0, 1, 3)]
+    _assert_epoch(got, want)
+    assert seen_epochs == [1] * n + [2] * n + [3] * n
+    assert [meta.index for *_, meta in got] == list(range(n)) * 3
+    # read-ahead crossed the boundaries, one epoch per call
+    calls = [(e, ks) for srv in (a, b)
+             for e, ks in zip(srv.servicer.epochs, srv.servicer.requested, strict=True)]
+    assert {e for e, _ in calls} == {1, 2, 3}
+    assert all(0 < len(ks) <= 2 for _, ks in calls)
+    assert sorted((e, k) for e, ks in calls for k in ks) == \
+        [(e, k) for e in (1, 2, 3) for k in range(n)]
+    assert not _stream_threads()
+
+
+def test_epochs_resume_mid_epoch_and_without_end(fake):
+    import itertools
+
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 3, seed=2, epoch=5)
+    n = len(loader)
+    endless = loader.epochs()
+    first = list(itertools.islice(endless, n + 2))  # into the second epoch
+    state = loader.state_dict()
+    assert (state["epoch"], state["next_batch"]) == (6, 2)
+    endless.close()  # leaving the pass closes its streams
+    assert not _stream_threads()
+    _assert_epoch(first, expected_epoch(2, 5, 0, 1, 3) + expected_epoch(2, 6, 0, 1, 3)[:2])
+    resumed = AugmentLoader(a.address, "photos", SPEC, 3, seed=2)
+    resumed.load_state_dict(state)
+    _assert_epoch(list(resumed.epochs(2)),
+                  expected_epoch(2, 6, 0, 1, 3)[2:] + expected_epoch(2, 7, 0, 1, 3))
+
+
+@pytest.mark.parametrize(("count", "error"), [(0, ValueError), (-1, ValueError),
+                                              (1.5, TypeError), (True, TypeError)])
+def test_epochs_bad_count(count, error):
+    with pytest.raises(error, match="count"):
+        _loader().epochs(count)
 
 
 @pytest.mark.parametrize("mid_batch", [False, True])
