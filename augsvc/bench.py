@@ -2,10 +2,11 @@
 
 (a) engine   the in-process engine alone (read + params + DALI), no network
 (b) service  end to end: `augsvc serve` in another process -> `AugmentLoader`
-(b') wire    the same loader replaying batches the server already holds (its batch
-             cache), so the pipeline is not the bottleneck: what the service's wire moves
-(b'') frames the same cached batches as raw StreamBatches frames through the wire decoder,
-             not assembled into arrays: the protocol alone
+(b') loader  the same loader replaying batches the server already holds (its batch
+             cache), so the pipeline is not the bottleneck: the wire plus the loader's
+             copy of every chunk into its batch array
+(b'') wire   the same cached batches as raw StreamBatches frames through the wire decoder,
+             not assembled into arrays: what the service's wire moves
 (c) bare     the transport ceiling: a bare gRPC stream of raw chunks of the same batch
              size, same streams, same loopback, nothing decoded
 (d) torchvision  a DataLoader with the closest equivalent transforms (`augsvc.baseline`),
@@ -175,9 +176,9 @@ def _service(cfg: BenchConfig, data: Path) -> list[Figure]:
             note = f"replays epoch(s) 0..{max(epochs_done, 1) - 1} from the server's batch cache"
             if epochs_done == 0:
                 note = "(b) finished no full epoch: replay mixes cached and fresh batches"
-            wire = _timed("b'", "(b') service, cached batches (wire)", replay(), cfg,
+            wire = _timed("b'", "(b') loader, cached batches", replay(), cfg,
                           _image_bytes(cfg.spec), note=note)
-        frames = _timed("b''", "(b'') same, frames decoded, no assembly",
+        frames = _timed("b''", "(b'') wire, cached frames, no assembly",
                         _frames(address, cfg, max(epochs_done, 1)), cfg, _image_bytes(cfg.spec),
                         note="protocol level: real server frames, wire.decode_frame, no copy")
     return [b, wire, frames]
@@ -375,8 +376,10 @@ def format_table(result: dict) -> str:
     lines += [_row(Figure(**f)) for f in result["figures"].values()]
     lines.append("")
     targets = {"a/a0": "target >= 0.95 on an H100 (the colour kernel's cost)",
-               "b/a": "target >= 0.9", "b'/c": "target >= 0.8 (MB/s)",
-               "b''/c": "the protocol alone (MB/s), no target", "a/d": "target >= 1.3"}
+               "b/a": "target >= 0.9",
+               "b'/c": "target >= 0.8 (MB/s), through the loader incl. its copy into batches",
+               "b''/c": "target >= 0.8 (MB/s), the wire protocol alone",
+               "a/d": "target >= 1.3"}
     for name, value in result["ratios"].items():
         shown = f"{value:.2f}" if value is not None else "-"
         lines.append(f"ratio {name:<5} {shown:>6}   {targets[name]}")

@@ -22,13 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  (a)  the in-process engine (read + parameters + DALI), no network\n"
         "  (b)  end to end through `augsvc serve` (another process) to an AugmentLoader,\n"
         "       with the interval between batches at the loader (p50/p99)\n"
-        "  (b') the same loader replaying batches from the server's batch cache: the wire\n"
+        "  (b') the same loader replaying batches from the server's batch cache (the\n"
+        "       pipeline out of the way): the wire plus the loader's copy into batches\n"
         "  (b'') the same cached batches as raw frames through the wire decoder, no\n"
-        "       assembly into arrays: the protocol alone\n"
+        "       assembly into arrays: what the wire moves\n"
         "  (c)  a bare gRPC stream of raw chunks of the same batch size (transport ceiling)\n"
         "  (d)  torchvision's DataLoader with RandomResizedCrop, RandomHorizontalFlip,\n"
         "       ColorJitter and Normalize, as many worker processes as --threads\n"
-        "and print the ratios (b)/(a), (b')/(c), (b'')/(c) and (a)/(d).",
+        "  (a0) the engine without the colour kernel (decode + crop + flip)\n"
+        "and print the ratios (a)/(a0), (b)/(a), (b')/(c), (b'')/(c) and (a)/(d).",
     )
     p.add_argument("--dataset", type=Path, default=None, metavar="PATH",
                    help="image folder or manifest to use (default: generate a photo-like "
