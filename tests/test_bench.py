@@ -26,6 +26,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for fig in result["figures"].values():
         assert fig["img_s"] > 0 and fig["mb_s"] > 0 and fig["p50_ms"] <= fig["p99_ms"]
     assert result["ratios"]["b/a"] > 0 and result["ratios"]["a/d"] is None
+    assert 0 < result["ratios"]["b/c"] < 1  # the pipeline-bound service against the ceiling
     assert "ratio b/a" in out.stdout and "(c) bare gRPC chunk stream" in out.stdout
     with Image.open(tmp_path / "b.png") as im:
         assert im.width > 300 and im.height > 200

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  (d)  torchvision's DataLoader with RandomResizedCrop, RandomHorizontalFlip,\n"
         "       ColorJitter and Normalize, as many worker processes as --threads\n"
         "  (a0) the engine without the colour kernel (decode + crop + flip)\n"
-        "and print the ratios (a)/(a0), (b)/(a), (b')/(c), (b'')/(c) and (a)/(d).",
+        "and print the ratios (a)/(a0), (b)/(a), (b)/(c), (b')/(c), (b'')/(c) and (a)/(d).",
     )
     p.add_argument("--dataset", type=Path, default=None, metavar="PATH",
                    help="image folder or manifest to use (default: generate a photo-like "
