@@ -332,14 +332,6 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         # must wait for them to be delivered.
         if not context.add_callback(release):
             release()
-        cached = [self.cache.get(job.cache_key(k)) for k in job.batches]
-        if all(frames is not None for frames in cached):  # no pipeline, no producer thread
-            for frames in cached:
-                yield from frames
-            return
-        producer = _Producer(self.pool, job, self.prefetch, self._producers, self.cache,
-                             cached)
-        context.add_callback(producer.cancel)
         req, peer = job.request, context.peer()
         progress = {"sent": 0, "failed": False}
 
@@ -352,6 +344,15 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                      time.monotonic() - started)
 
         context.add_callback(finished)
+        cached = [self.cache.get(job.cache_key(k)) for k in job.batches]
+        if all(frames is not None for frames in cached):  # no pipeline, no producer thread
+            for frames in cached:
+                yield from frames
+                progress["sent"] += 1
+            return
+        producer = _Producer(self.pool, job, self.prefetch, self._producers, self.cache,
+                             cached)
+        context.add_callback(producer.cancel)
         try:
             producer.start()
             for _ in job.batches:

@@ -305,7 +305,7 @@ class PassOrder(Sequence[tuple[int, int]]):
                  ) -> None:
         if not 0 <= start <= batches:
             raise ValueError(f"start {start} is outside an epoch of {batches} batches")
-        self.epoch, self.batches, self.start, self.epochs = epoch, batches, start, epochs
+        self.epoch, self.batches, self.start = epoch, batches, start
         if batches == 0 or epochs == 0:
             self._len = 0
         elif epochs is None:

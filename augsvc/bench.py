@@ -287,8 +287,8 @@ def _generate(root: Path, n: int, epoch_images: int, log: Callable[[str], None])
     """A photo-like JPEG set (~500x375, quality 90) of about n images in 8 classes.
 
     Returned as a CSV manifest that lists the set repeatedly, up to `epoch_images`
-    entries: a stream starts cold at every epoch (its pipeline drains at the boundary),
-    and a training epoch is thousands of batches, not the 4 of 256 images.
+    entries: a training epoch is thousands of batches, not the 4 of 256 images, and
+    (b') replays whole cached epochs.
     """
     from augsvc.synth import make_dataset
 

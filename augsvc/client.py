@@ -312,25 +312,25 @@ class AugmentLoader:
         """
         if count is not None:
             _int("count", count, 1, _U64 - self._epoch + 1)
-        n = len(self)
-        start = self._start()
+        start, n = self._start()
         self._cursor = start
         return self._run(PassOrder(self._epoch, n, start, count), track=True, pin=None)
 
-    def _start(self) -> int:
+    def _start(self) -> tuple[int, int]:
+        """(the first batch of the next pass, batches per epoch); uses up a resume point."""
         n = len(self)
         start = 0 if self._resume is None else self._resume
         self._resume = None
         if start > n:
             raise ValueError(f"resume point batch {start} is past the epoch's {n} batches")
-        return start
+        return start, n
 
     def _shard(self, worker: int, num_workers: int) -> Iterator[tuple[Any, ...]]:
         """Every num_workers-th batch from `worker` on (a torch DataLoader worker's share)."""
         if self._device is not None:
             raise ValueError("device must be None in DataLoader workers; use pin_memory=True")
-        start = self._start()
-        order = [(self._epoch, b) for b in range(start, len(self))[worker::num_workers]]
+        start, n = self._start()
+        order = [(self._epoch, b) for b in range(start, n)[worker::num_workers]]
         return self._run(order, track=False, pin=False)
 
     def _run(self, order: Sequence[tuple[int, int]], *, track: bool,

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images to generate when --dataset is not given (default: 256)")
     p.add_argument("--epoch-images", type=int, default=2048,
                    help="the generated set is listed repeatedly up to this many images per "
-                   "epoch, since every epoch starts the streams cold (default: 2048)")
+                   "epoch (default: 2048)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--size", type=int, default=224, help="output side in pixels (default: 224)")
     p.add_argument("--duration", type=float, default=10.0,
