@@ -13,12 +13,13 @@ install:  ## venv with the server + dev extras, the colour-kernel plugin, the No
 	if command -v npm >/dev/null 2>&1; then cd examples/node-client && npm ci --no-audit --no-fund; \
 	else echo "npm not found: skipping examples/node-client (tests/test_node_client.py is skipped)"; fi
 
-test: lint  ## ruff, then pytest (exit code 5, "no tests collected", is reported, not hidden)
+test: lint  ## ruff and the layer contracts, then pytest (exit code 5, "no tests collected", is reported, not hidden)
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
-lint:
+lint:  ## ruff, and import-linter's layer contracts (pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
-protos:  ## regenerate augsvc/_proto from protos/
+protos:  ## regenerate augsvc/wire/_proto from protos/
 	$(BIN)/python scripts/gen_protos.py

@@ -4,7 +4,7 @@
     loader = augsvc.AugmentLoader("aug-0:50051", "imagenet", augsvc.AugmentSpec(), 256)
 
 Public names: `AugmentLoader` (the client, `augsvc.client`), `AugmentSpec` (what to do to
-each image, `augsvc.spec`), `AugsvcError` (every failure of a request to a server) and
+each image, `augsvc.core.spec`), `AugsvcError` (every failure of a request to a server) and
 `__version__`. Importing the package stays light: no DALI, no torch, and the gRPC client
 is imported on first use of `AugmentLoader` or `AugsvcError`.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from augsvc.spec import AugmentSpec
+from augsvc.core.spec import AugmentSpec
 
 if TYPE_CHECKING:
     from augsvc.client import AugmentLoader, AugsvcError

@@ -1,4 +1,4 @@
-"""Shared fixtures: small synthetic datasets of real JPEGs (made by `augsvc.synth`).
+"""Shared fixtures: small synthetic datasets of real JPEGs (made by `augsvc.engine.synth`).
 
 * `jpeg_folder` (session): `root/class_00..class_02/img_0000..0003.jpg`, 12 photo-like
   JPEGs around 500x375 (two of them portrait), ~40 KB each, made once per test run
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from augsvc.synth import make_dataset
+from augsvc.engine.synth import make_dataset
 
 JPEG_FOLDER_CLASSES = 3
 JPEG_FOLDER_PER_CLASS = 4

@@ -8,11 +8,11 @@ import grpc
 import numpy as np
 
 from augsvc import wire
-from augsvc._batchcache import BatchCache
-from augsvc._proto import augment_pb2 as pb
-from augsvc.protocol import spec_to_proto
+from augsvc.core.spec import AugmentSpec
 from augsvc.server import ServerConfig, start_server
-from augsvc.spec import AugmentSpec
+from augsvc.server.batchcache import BatchCache
+from augsvc.wire._proto import augment_pb2 as pb
+from augsvc.wire.convert import spec_to_proto
 
 
 def test_lru_bound_and_order() -> None:

@@ -16,13 +16,13 @@ import pytest
 
 import augsvc
 from augsvc import wire
-from augsvc._proto import augment_pb2 as pb
-from augsvc._proto import augment_pb2_grpc as pb_grpc
 from augsvc.client import AugmentLoader, AugsvcError, BatchMeta, num_batches
-from augsvc.protocol import StreamRequest
-from augsvc.sampling import EpochPlan
-from augsvc.spec import AugmentSpec
-from augsvc.stats import IMAGENET
+from augsvc.core.sampling import EpochPlan
+from augsvc.core.spec import AugmentSpec
+from augsvc.core.stats import IMAGENET
+from augsvc.wire._proto import augment_pb2 as pb
+from augsvc.wire._proto import augment_pb2_grpc as pb_grpc
+from augsvc.wire.convert import StreamRequest
 
 SPEC = AugmentSpec(size=(4, 6), hsv=False, pca=False)
 NUM_SAMPLES = 23

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from augsvc.dataset import (
+from augsvc.engine.dataset import (
     FOLDER_CACHE_NAME,
     DatasetError,
     check_encoded,
@@ -266,7 +266,7 @@ def test_cache_disabled_and_invalid_cache(tmp_dataset, caplog: pytest.LogCapture
     assert open_dataset(root, cache=False).parsed == 6
     assert not (root / FOLDER_CACHE_NAME).exists()
     (root / FOLDER_CACHE_NAME).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="augsvc.dataset"):
+    with caplog.at_level(logging.WARNING, logger="augsvc.engine.dataset"):
         assert open_dataset(root).parsed == 6
     assert "ignoring invalid index cache" in caplog.text
     assert open_dataset(root).parsed == 0
@@ -304,7 +304,7 @@ def test_corrupt_files_are_rejected_not_fatal(
     (bad / "body_cut.jpg").write_bytes(body_cut[: len(body_cut) // 2])  # header intact
     os.symlink(root / "nowhere.jpg", bad / "dangling.jpg")
 
-    with caplog.at_level(logging.WARNING, logger="augsvc.dataset"):
+    with caplog.at_level(logging.WARNING, logger="augsvc.engine.dataset"):
         index = open_dataset(root)
     reasons = {Path(p).name: r for p, r in index.rejected}
     assert set(reasons) == {"random.jpg", "empty.jpg", "notes.txt", "head_cut.jpg",

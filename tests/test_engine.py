@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from augsvc.dataset import open_dataset
-from augsvc.engine import Augmenter
-from augsvc.sampling import EpochPlan
-from augsvc.spec import AugmentSpec
-from augsvc.stats import IMAGENET
-from augsvc.synth import make_dataset
+from augsvc.core.sampling import EpochPlan
+from augsvc.core.spec import AugmentSpec
+from augsvc.core.stats import IMAGENET
+from augsvc.engine.augmenter import Augmenter
+from augsvc.engine.dataset import open_dataset
+from augsvc.engine.synth import make_dataset
 
 SPEC = AugmentSpec(size=(64, 64), p_vflip=0.3)
 

@@ -19,9 +19,9 @@ import pytest
 from serverproc import running_server
 
 from augsvc.client import AugmentLoader, AugsvcError
-from augsvc.dataset import open_dataset
-from augsvc.sampling import EpochPlan
-from augsvc.spec import AugmentSpec
+from augsvc.core.sampling import EpochPlan
+from augsvc.core.spec import AugmentSpec
+from augsvc.engine.dataset import open_dataset
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,8 +82,8 @@ def test_two_ranks_cover_the_epoch_once(two_ranks, jpeg_folder):
 
 
 def _engine_batches(jpeg_folder, spec, epoch, rank, world_size, batch_size):
-    from augsvc.engine import Augmenter
-    from augsvc.stats import IMAGENET
+    from augsvc.core.stats import IMAGENET
+    from augsvc.engine.augmenter import Augmenter
 
     index = open_dataset(jpeg_folder)
     augmenter = Augmenter(index, spec, IMAGENET, max_batch_size=batch_size, device="cpu",

@@ -1,4 +1,4 @@
-"""The colour plugin (`augsvc.kernels`) against the float64 numpy oracle (`augsvc.reference`).
+"""The colour plugin (`augsvc.engine.kernels`) against the numpy oracle (`augsvc.core.reference`).
 
 A real DALI pipeline runs `kernels.color` on batches of uint8 HWC images of several
 sizes (1x1 and odd sizes included) with per-sample parameters. Every output pixel
@@ -26,8 +26,8 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types
 from support import requires_gpu
 
-from augsvc import kernels
-from augsvc import reference as ref
+from augsvc.core import reference as ref
+from augsvc.engine import kernels
 
 IDENTITY = np.array([0, 1, 1, 0, 1, 1, 0, 0, 0, 0], dtype=np.float32)
 # float32 kernel vs float64 oracle: rounding to nearest leaves at most 0.5 level plus this
@@ -333,7 +333,7 @@ def test_prebuilt_library_from_the_environment(tmp_path: Path) -> None:
     """AUGSVC_KERNEL_LIB loads a given .so without building (hosts with no compiler)."""
     lib = tmp_path / "libaugsvc_kernels.so"
     shutil.copy(kernels.build(), lib)
-    code = ("from augsvc import kernels; import sys; p = kernels.load(); "
+    code = ("from augsvc.engine import kernels; import sys; p = kernels.load(); "
             "print(p); sys.exit(0 if str(p) == sys.argv[1] else 3)")
     env = {**os.environ, "AUGSVC_KERNEL_LIB": str(lib), "PATH": "/nonexistent"}
     out = subprocess.run([sys.executable, "-c", code, str(lib)], env=env, capture_output=True,

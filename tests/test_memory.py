@@ -1,4 +1,4 @@
-"""augsvc.memory: glibc malloc thresholds, set once per process."""
+"""augsvc.client.memory: glibc malloc thresholds, set once per process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from augsvc import memory
+from augsvc.client import memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -21,7 +21,7 @@ def test_tune_malloc_stops_page_faults_on_reused_blocks() -> None:
     # freed blocks are reused
     code = """
 import resource, sys
-from augsvc import memory
+from augsvc.client import memory
 if sys.argv[1] == "tuned":
     assert memory.tune_malloc() and memory.tune_malloc()
 def faults():

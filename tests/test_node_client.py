@@ -18,9 +18,9 @@ import pytest
 from serverproc import REPO_ROOT, ServerProcess, running_server
 
 from augsvc import wire
-from augsvc._proto import augment_pb2 as pb
-from augsvc.protocol import spec_to_proto
-from augsvc.spec import AugmentSpec
+from augsvc.core.spec import AugmentSpec
+from augsvc.wire._proto import augment_pb2 as pb
+from augsvc.wire.convert import spec_to_proto
 
 CLIENT_DIR = REPO_ROOT / "examples" / "node-client"
 NODE = shutil.which("node")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from support import coordinate_image, encode, requires_gpu
 
-from augsvc import reference as ref
-from augsvc.pipeline import AugmentPipeline
-from augsvc.sampling import BatchParams, draw_params
-from augsvc.spec import AugmentSpec
+from augsvc.core import reference as ref
+from augsvc.core.sampling import BatchParams, draw_params
+from augsvc.core.spec import AugmentSpec
+from augsvc.engine.pipeline import AugmentPipeline
 
 BASIS = (np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
                    [-0.5836, -0.6948, 0.4203]]), np.array([0.2175, 0.0188, 0.0045]))

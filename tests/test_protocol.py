@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from augsvc._proto import augment_pb2 as pb
-from augsvc.protocol import (
+from augsvc.core.spec import AugmentSpec, SpecError
+from augsvc.core.stats import IMAGENET, DatasetStats
+from augsvc.wire._proto import augment_pb2 as pb
+from augsvc.wire.convert import (
     RequestError,
     StreamRequest,
     dataset_info,
@@ -20,8 +22,6 @@ from augsvc.protocol import (
     stats_from_proto,
     stats_to_proto,
 )
-from augsvc.spec import AugmentSpec, SpecError
-from augsvc.stats import IMAGENET, DatasetStats
 
 SPECS = [
     AugmentSpec(),

@@ -1,4 +1,4 @@
-"""The generated augsvc/_proto/ package is fresh: regenerating it changes nothing."""
+"""The generated augsvc/wire/_proto/ package is fresh: regenerating it changes nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gen_protos.py"
-COMMITTED = ROOT / "augsvc" / "_proto"
+COMMITTED = ROOT / "augsvc" / "wire" / "_proto"
 PROTO = "augsvc/v1/augment.proto"
 
 
@@ -30,7 +30,7 @@ def test_committed_files_are_byte_identical_to_a_fresh_generation(tmp_path: Path
     assert fresh == ["__init__.py", "augment_pb2.py", "augment_pb2.pyi", "augment_pb2_grpc.py"]
     stale = [n for n in fresh if (COMMITTED / n).read_bytes() != (tmp_path / n).read_bytes()]
     assert not stale, (
-        f"augsvc/_proto is stale ({', '.join(stale)}): run python scripts/{SCRIPT.name}. "
+        f"augsvc/wire/_proto is stale ({', '.join(stale)}): run python scripts/{SCRIPT.name}. "
         f"Committed code is from grpcio-tools {_generated_by(COMMITTED)}, this one is "
         f"{_generated_by(tmp_path)}: regenerate with the version pyproject.toml pins."
     )
@@ -69,7 +69,7 @@ def test_committed_descriptor_matches_the_proto(tmp_path: Path) -> None:
     """Independent of formatting: the schema inside augment_pb2 is the .proto's schema."""
     from google.protobuf import descriptor_pb2
 
-    from augsvc._proto import augment_pb2
+    from augsvc.wire._proto import augment_pb2
 
     out = tmp_path / "set.pb"
     assert protoc.main(["protoc", f"--proto_path={ROOT / 'protos'}",
@@ -81,8 +81,8 @@ def test_committed_descriptor_matches_the_proto(tmp_path: Path) -> None:
 
 
 def test_generated_modules_import_from_the_flat_package() -> None:
-    from augsvc._proto import augment_pb2, augment_pb2_grpc
+    from augsvc.wire._proto import augment_pb2, augment_pb2_grpc
 
-    assert augment_pb2.Frame.__module__ == "augsvc._proto.augment_pb2"
+    assert augment_pb2.Frame.__module__ == "augsvc.wire._proto.augment_pb2"
     assert augment_pb2.DESCRIPTOR.name == PROTO
     assert augment_pb2_grpc.AugmentStub is not None

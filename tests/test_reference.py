@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from augsvc import reference as ref
-from augsvc.sampling import COLOR_PARAMS
+from augsvc.core import reference as ref
+from augsvc.core.sampling import COLOR_PARAMS
 
 RNG = np.random.default_rng(11)
 EDGE_RGB = np.array([

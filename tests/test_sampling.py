@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from augsvc.sampling import COLOR_PARAMS, EpochPlan, draw_params, uniforms
-from augsvc.spec import AugmentSpec
+from augsvc.core.sampling import COLOR_PARAMS, EpochPlan, draw_params, uniforms
+from augsvc.core.spec import AugmentSpec
 
 BASIS = (np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))[0],
          np.array([0.2175, 0.0188, 0.0045]))

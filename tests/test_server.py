@@ -27,11 +27,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from serverproc import REPO_ROOT, ServerProcess, running_server
 
 from augsvc import wire
-from augsvc._proto import augment_pb2 as pb
 from augsvc.client import AugmentLoader
-from augsvc.dataset import open_dataset
-from augsvc.protocol import spec_to_proto
-from augsvc.spec import AugmentSpec
+from augsvc.core.spec import AugmentSpec
+from augsvc.engine.dataset import open_dataset
+from augsvc.wire._proto import augment_pb2 as pb
+from augsvc.wire.convert import spec_to_proto
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -231,9 +231,9 @@ def test_health_serving_and_reflection(server: ServerProcess) -> None:
 ], ids=["uint8-nocolour", "float16-nchw-colour"])
 def test_stream_equals_in_process_engine(server: ServerProcess, jpeg_folder: Path,
                                          spec: AugmentSpec) -> None:
-    from augsvc.engine import Augmenter
-    from augsvc.sampling import EpochPlan
-    from augsvc.stats import load_stats
+    from augsvc.core.sampling import EpochPlan
+    from augsvc.engine.augmenter import Augmenter
+    from augsvc.engine.statistics import load_stats
 
     seed, epoch, batch_size, rank, world = 1234, 3, 3, 1, 2
     request = stream_request(spec=spec, seed=seed, epoch=epoch, batch_size=batch_size,
@@ -347,8 +347,8 @@ def test_error_status_and_server_stays_healthy(server: ServerProcess, case: str)
 def test_unexpected_error_is_internal_and_serving_goes_on(
         jpeg_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process server (`start_server`): an exception in a stream is INTERNAL."""
-    from augsvc._servicer import PipelinePool
     from augsvc.server import ServerConfig, start_server
+    from augsvc.server.servicer import PipelinePool
 
     config = ServerConfig(datasets={"photos": jpeg_folder}, port=0, device="cpu",
                           dali_threads=1, io_threads=2)
@@ -374,8 +374,8 @@ def test_unexpected_error_is_internal_and_serving_goes_on(
 
 
 def test_pipeline_pool_reuses_pipelines(jpeg_folder: Path) -> None:
-    from augsvc._servicer import PipelinePool
     from augsvc.server import load_catalog
+    from augsvc.server.servicer import PipelinePool
 
     entry = load_catalog({"photos": jpeg_folder})["photos"]
     stats = entry.stats["imagenet"]
@@ -572,7 +572,7 @@ def test_bad_dataset_path_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_token_file_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from augsvc.cli import build_parser
-    from augsvc.commands.serve import _token
+    from augsvc.cli.serve import _token
 
     token_file = tmp_path / "token"
     token_file.write_text(f"{TOKEN}\n")

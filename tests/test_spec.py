@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from augsvc.spec import AugmentSpec, SpecError
+from augsvc.core.spec import AugmentSpec, SpecError
 
 
 def test_defaults_are_the_design_table() -> None:

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augsvc import stats
-from augsvc.commands import stats as stats_command
-from augsvc.dataset import open_dataset
-from augsvc.progress import progress
-from augsvc.sampling import draw_params
-from augsvc.spec import AugmentSpec
-from augsvc.stats import IMAGENET, DatasetStats, StatsError, compute_stats, load_stats, stats_file
+from augsvc.cli import stats as stats_command
+from augsvc.cli.progress import progress
+from augsvc.core import stats
+from augsvc.core.sampling import draw_params
+from augsvc.core.spec import AugmentSpec
+from augsvc.core.stats import IMAGENET, DatasetStats, StatsError
+from augsvc.engine.dataset import open_dataset
+from augsvc.engine.statistics import compute_stats, load_stats, stats_file
 
 SIZES = [(200, 150), (150, 200), (256, 256)]
 TRUE_MEAN = np.array([0.5, 0.45, 0.55])
@@ -55,7 +56,7 @@ def _known_images(root: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]
 
 def test_known_covariance_is_recovered(tmp_path: Path) -> None:
     eigvecs, cov, images = _known_images(tmp_path)
-    result = compute_stats(open_dataset(tmp_path), progress=False)
+    result = compute_stats(open_dataset(tmp_path))
     pixels = np.concatenate([im.reshape(-1, 3) for im in images]).astype(np.float64) / 255
     assert result.num_images == 3 and result.num_pixels == len(pixels)
 
@@ -86,10 +87,10 @@ def test_subset_and_undecodable_images(
 ) -> None:
     root = tmp_dataset(per_class=4)
     index = open_dataset(root)
-    a = compute_stats(index, max_images=3, seed=1, progress=False)
-    b = compute_stats(index, max_images=3, seed=1, progress=False)
+    a = compute_stats(index, max_images=3, seed=1)
+    b = compute_stats(index, max_images=3, seed=1)
     assert a.num_images == 3 and np.array_equal(a.cov, b.cov)
-    assert compute_stats(index, max_images=100, progress=False).num_images == 8
+    assert compute_stats(index, max_images=100).num_images == 8
     with pytest.raises(StatsError, match="max_images"):
         compute_stats(index, max_images=0)
 
@@ -98,8 +99,8 @@ def test_subset_and_undecodable_images(
     broken.write_bytes(good[: len(good) // 2])  # header intact: indexed, but won't decode
     index = open_dataset(root)
     assert len(index) == 9
-    with caplog.at_level(logging.WARNING, logger="augsvc.stats"):
-        result = compute_stats(index, progress=False)
+    with caplog.at_level(logging.WARNING, logger="augsvc.engine.statistics"):
+        result = compute_stats(index)
     assert result.num_images == 8
     assert str(broken) in caplog.text
 
@@ -110,7 +111,7 @@ def test_nothing_decodable_is_an_error(tmp_path: Path) -> None:
     Image.new("RGB", (64, 64)).save(buf, format="JPEG")
     (tmp_path / "c" / "cut.jpg").write_bytes(buf.getvalue()[:-200])
     with pytest.raises(StatsError, match=r"no image .* could be decoded"):
-        compute_stats(open_dataset(tmp_path), progress=False)
+        compute_stats(open_dataset(tmp_path))
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
@@ -172,7 +173,7 @@ def test_stats_file_and_load_stats(tmp_dataset) -> None:
     assert load_stats(index, "imagenet") is IMAGENET
     with pytest.raises(StatsError, match=r"run `augsvc stats .*`"):
         load_stats(index, "dataset")
-    computed = compute_stats(index, progress=False)
+    computed = compute_stats(index)
     computed.save(stats_file(index))
     assert np.array_equal(load_stats(index, "dataset").cov, computed.cov)
     with pytest.raises(StatsError, match="unknown stats source"):

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augsvc.synth import coordinate_image, decode_coordinates, make_coordinate_png, make_dataset
+from augsvc.engine.synth import (
+    coordinate_image,
+    decode_coordinates,
+    make_coordinate_png,
+    make_dataset,
+)
 
 
 def test_jpeg_folder_layout(jpeg_folder: Path) -> None:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from augsvc import wire
-from augsvc._proto import augment_pb2 as pb
-from augsvc._proto import augment_pb2_grpc as pb_grpc
 from augsvc.wire import BatchAssembler, WireError, decode_frame, encode_batch
+from augsvc.wire._proto import augment_pb2 as pb
+from augsvc.wire._proto import augment_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,171 @@
+"""`augsvc serve`: run the gRPC augmentation server (see `augsvc.server`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+TOKEN_ENV = "AUGSVC_TOKEN"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `serve` parser."""
+    p = sub.add_parser(
+        "serve",
+        help="serve datasets to trainers over gRPC",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve named datasets over gRPC (service augsvc.v1.Augment, plus the "
+        "standard health service and server reflection). Trainers stream augmented batches "
+        "with StreamBatches; every random choice is a function of (seed, epoch, sample), so "
+        "any server returns the same batch.\n\n"
+        "Worker processes share one port (SO_REUSEPORT); each has its own DALI pipelines. "
+        "On start one line goes to stdout:\n"
+        "  augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)\n"
+        "SIGINT (Ctrl-C) or SIGTERM stops gracefully: health turns NOT_SERVING, new streams "
+        "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
+        "second signal cancels them. Exit code 0 after a clean stop.",
+    )
+    p.add_argument("--dataset", "-d", metavar="NAME=PATH", action="append", required=True,
+                   help="a dataset to serve under NAME: an image folder (PATH/<class>/<image>) "
+                   "or a CSV manifest; indexed once at start (cached beside it). Statistics "
+                   "from `augsvc stats PATH` are loaded when present. Repeatable; a bare PATH is "
+                   "served under its folder name")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                     help="address to listen on; 0.0.0.0 or :: for every interface "
+                     "(default: 127.0.0.1, this machine only)")
+    net.add_argument("--port", type=int, default=50051, metavar="N",
+                     help="TCP port; 0 picks a free one, printed on the serving line "
+                     "(default: 50051)")
+    work = p.add_argument_group("processing")
+    work.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                      help="where DALI runs: gpu (nvJPEG decode + CUDA kernels), cpu, or auto: "
+                      "gpu when an NVIDIA GPU is visible (default: auto)")
+    work.add_argument("--device-id", type=int, default=0, metavar="N",
+                      help="CUDA device for --device gpu (default: 0)")
+    work.add_argument("--workers", type=int, default=1, metavar="N",
+                      help="server processes sharing the port; one Python process carries "
+                      "about one stream's worth of bandwidth, so use several for many "
+                      "trainers (default: 1)")
+    work.add_argument("--dali-threads", type=int, default=None, metavar="N",
+                      help="DALI CPU threads per pipeline (default: CPU cores / workers, at "
+                      "most 8)")
+    work.add_argument("--io-threads", type=int, default=4, metavar="N",
+                      help="file-reading threads per pipeline (default: 4)")
+    work.add_argument("--prefetch", type=int, default=2, metavar="N",
+                      help="finished batches a stream computes ahead of the one being sent; "
+                      "bounds each stream's memory (default: 2)")
+    work.add_argument("--pipeline-cache", type=int, default=4, metavar="N",
+                      help="idle pipelines each worker keeps for reuse by later streams with "
+                      "the same dataset, spec and batch size (default: 4)")
+    work.add_argument("--batch-cache-mb", type=int, default=0, metavar="MB",
+                      help="memory per worker for finished batches, sent again from memory "
+                      "when the same batch is asked for again (failover re-requests, jobs "
+                      "sharing a seed, `augsvc bench`); 0 turns it off (default: 0)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-streams", type=int, default=64, metavar="N",
+                        help="concurrent StreamBatches calls per worker; more are refused "
+                        "with RESOURCE_EXHAUSTED (default: 64)")
+    limits.add_argument("--max-batch-size", type=int, default=1024, metavar="N",
+                        help="largest batch_size a request may ask for; larger ones are "
+                        "refused with RESOURCE_EXHAUSTED (default: 1024)")
+    limits.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds running streams get to finish on shutdown (default: 10)")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-cert", type=Path, metavar="PEM",
+                     help="serve TLS with this certificate chain (needs --tls-key)")
+    sec.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                     help="mutual TLS: require client certificates signed by this CA")
+    sec.add_argument("--token-file", type=Path, metavar="FILE",
+                     help="require metadata 'authorization: Bearer <token>' on augsvc.v1.Augment "
+                     "calls, the token being this file's content (health and reflection stay "
+                     f"open). Preferred, like ${TOKEN_ENV}, which is used when neither this "
+                     "nor --token is given")
+    sec.add_argument("--token", metavar="TOKEN",
+                     help="the bearer token itself; visible to every local user in the process "
+                     f"list, so prefer --token-file or ${TOKEN_ENV}")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                   help="logging on stderr (default: info)")
+    p.set_defaults(run=run)
+
+
+def _datasets(items: list[str]) -> dict[str, Path]:
+    """NAME=PATH items (a bare PATH is named after its folder or file stem)."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        if not name or not path:
+            raise ValueError(f"--dataset {item!r}: expected NAME=PATH")
+        if name in out:
+            raise ValueError(f"--dataset {item!r}: the name {name!r} is given twice")
+        out[name] = Path(path)
+    return out
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None and args.token is not None:
+        raise ValueError("give either --token-file or --token, not both")
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"--token-file: cannot read {args.token_file}: "
+                             f"{exc.strerror or exc}") from exc
+        if not token:
+            raise ValueError(f"--token-file: {args.token_file} is empty")
+        return token
+    if args.token is not None:
+        return args.token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _check_readable(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Configure, index the datasets, serve until stopped."""
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s augsvc[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    from augsvc.core.stats import StatsError
+    from augsvc.engine.dataset import DatasetError
+    from augsvc.server import ServerConfig, serve
+
+    try:
+        _check_readable(args.tls_cert, args.tls_key, args.tls_client_ca)
+        config = ServerConfig(
+            datasets=_datasets(args.dataset),
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            device_id=args.device_id,
+            workers=args.workers,
+            max_streams=args.max_streams,
+            max_batch_size=args.max_batch_size,
+            prefetch=args.prefetch,
+            pipeline_cache=args.pipeline_cache,
+            dali_threads=args.dali_threads,
+            io_threads=args.io_threads,
+            batch_cache_mb=args.batch_cache_mb,
+            grace=args.grace,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            token=_token(args),
+        ).validate()
+        return serve(config)
+    except (ValueError, DatasetError, StatsError, OSError) as exc:
+        print(f"augsvc serve: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,15 @@
+"""The augsvc client: `AugmentLoader`, what a training loop iterates (numpy, grpcio, protobuf only).
+
+`loader` is the public surface; `state` its epoch arithmetic and resume state; `streams`,
+`schedule` and `servers` the stream threads, reordering and failover behind it;
+`torch_output` the optional torch tensors; `memory` the malloc tuning. The client never
+imports DALI, PIL or matplotlib (an import-linter contract holds this).
+"""
+
+from augsvc.client.errors import AugsvcError
+from augsvc.client.loader import AugmentLoader
+from augsvc.client.meta import BatchMeta
+from augsvc.client.state import num_batches
+from augsvc.core.types import DroppedSample
+
+__all__ = ["AugmentLoader", "AugsvcError", "BatchMeta", "DroppedSample", "num_batches"]

@@ -1,1 +1,0 @@
-"""Subcommands of the `augsvc` CLI, one module each (see `augsvc.cli`)."""

@@ -1,0 +1,16 @@
+"""Value types shared by every layer: what the engine reports and the wire carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DroppedSample"]
+
+
+@dataclass(frozen=True)
+class DroppedSample:
+    """A sample left out of its batch (e.g. a corrupt image), and why; `BatchHeader.dropped`."""
+
+    sample_id: int
+    path: str
+    reason: str

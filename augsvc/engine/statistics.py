@@ -1,0 +1,100 @@
+"""A dataset's RGB statistics: computed from its pixels, stored beside it, loaded by source.
+
+`compute_stats` streams every image (or a deterministic sample) through float64
+accumulators; `stats_file` says where `augsvc stats` keeps the result; `load_stats`
+returns the statistics a spec names. The maths and the file format are
+`augsvc.core.stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from augsvc.core.stats import IMAGENET, DatasetStats, StatsError, load
+from augsvc.engine.dataset import DatasetIndex
+
+__all__ = ["compute_stats", "load_stats", "stats_file"]
+
+log = logging.getLogger(__name__)
+
+STATS_FILE_NAME = "augsvc-stats.json"
+MANIFEST_STATS_SUFFIX = ".augsvc-stats.json"
+ROWS_PER_CHUNK = 2048  # bounds the float64 copy of one image to ~2048 x width x 24 bytes
+
+
+def compute_stats(
+    index: DatasetIndex,
+    max_images: int | None = None,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    seed: int = 0,
+) -> DatasetStats:
+    """Mean, covariance and eigenbasis of the RGB pixels of `index`'s images.
+
+    Decodes with Pillow (converted to RGB). Accumulates in float64 on the 0..255
+    scale: sums and the 3x3 sum of products are sums of integers, exact below ~1e11
+    pixels, and are scaled to [0, 1] at the end. With `max_images` < len(index) a
+    deterministic random subset (from `seed`) is used. Images that fail to decode
+    are skipped with a warning. `progress` wraps the loop over image indices (a progress
+    bar, say); None: no wrapping.
+    """
+    from PIL import Image
+
+    n = len(index)
+    if max_images is not None and max_images < 1:
+        raise StatsError(f"max_images must be >= 1, got {max_images}")
+    if max_images is not None and max_images < n:
+        chosen = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
+    else:
+        chosen = np.arange(n)
+    total = np.zeros(3)
+    outer = np.zeros((3, 3))
+    pixels = images = 0
+    skipped: list[str] = []
+    order: Iterable[int] = chosen.tolist()
+    for i in order if progress is None else progress(order):
+        try:
+            with Image.open(index.paths[i]) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            log.warning("skipping %s: cannot decode: %s", index.paths[i], exc)
+            skipped.append(index.paths[i])
+            continue
+        for start in range(0, rgb.shape[0], ROWS_PER_CHUNK):
+            x = rgb[start:start + ROWS_PER_CHUNK].reshape(-1, 3).astype(np.float64)
+            total += x.sum(axis=0)
+            outer += x.T @ x
+        pixels += rgb.shape[0] * rgb.shape[1]
+        images += 1
+    if pixels == 0:
+        raise StatsError(f"no image of {index.source} could be decoded "
+                         f"({len(skipped)} tried)")
+    if skipped:
+        log.warning("%d image(s) skipped because they could not be decoded", len(skipped))
+    mean = total / pixels
+    cov = outer / pixels - np.outer(mean, mean)
+    return DatasetStats.from_moments(mean / 255.0, cov / 255.0**2, images, pixels,
+                                     str(index.source))
+
+
+def stats_file(index: DatasetIndex) -> Path:
+    """Where a dataset's stats live: `<root>/augsvc-stats.json`, `<manifest>.augsvc-stats.json`."""
+    if index.manifest is not None:
+        return index.manifest.with_name(index.manifest.name + MANIFEST_STATS_SUFFIX)
+    return index.root / STATS_FILE_NAME
+
+
+def load_stats(index: DatasetIndex, source: str) -> DatasetStats:
+    """The stats a spec names: "imagenet" (the preset) or "dataset" (the saved file)."""
+    if source == "imagenet":
+        return IMAGENET
+    if source == "dataset":
+        path = stats_file(index)
+        if not path.is_file():
+            raise StatsError(f"no statistics for dataset {index.source} (expected {path}); "
+                             f"run `augsvc stats {index.source}`")
+        return load(path)
+    raise StatsError(f"unknown stats source {source!r}; expected 'imagenet' or 'dataset'")

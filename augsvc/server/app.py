@@ -1,0 +1,161 @@
+"""`AugmentServer`: one gRPC server with the Augment service, health and reflection.
+
+The `augsvc.v1.Augment` service (`augsvc.server.servicer`), the standard health service
+(`grpc.health.v1`, statuses for "" and "augsvc.v1.Augment") and server reflection, with
+optional TLS / mutual TLS and a bearer token (health and reflection stay open for
+probes). `start_server(config)` runs one in-process, for tests and embedding; `augsvc
+serve` runs one per worker process (`augsvc.server.supervisor`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from augsvc import wire
+from augsvc.server.auth import TokenInterceptor
+from augsvc.server.catalog import Catalog, load_catalog
+from augsvc.server.config import ServerConfig, address
+from augsvc.server.pipelines import PipelinePool
+from augsvc.server.servicer import AugmentServicer
+
+__all__ = ["AugmentServer", "start_server"]
+
+log = logging.getLogger("augsvc.server")
+
+# Threads beyond --max-streams for unary calls, health checks, reflection and the
+# immediate rejection of streams over the limit.
+SPARE_THREADS = 16
+
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+
+class AugmentServer:
+    """One gRPC server: the Augment service, health and reflection, on `config.host`.
+
+    `port` overrides `config.port` (0: an ephemeral port, see `.port`). `reuse_port`
+    lets several processes bind the same port (the workers of `serve`). `catalog`
+    defaults to `load_catalog(config.datasets)`.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        catalog: Catalog | None = None,
+        *,
+        port: int | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config.validate()
+        self.catalog = catalog if catalog is not None else load_catalog(config.datasets)
+        self.pool = PipelinePool(
+            device=config.resolved_device(),
+            device_id=config.device_id,
+            dali_threads=config.resolved_dali_threads(),
+            io_threads=config.io_threads,
+            max_idle=config.pipeline_cache,
+        )
+        self.servicer = AugmentServicer(self.catalog, self.pool, max_streams=config.max_streams,
+                                        max_batch_size=config.max_batch_size,
+                                        prefetch=config.prefetch,
+                                        cache_bytes=config.batch_cache_mb << 20)
+        self._executors = (
+            futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),
+            futures.ThreadPoolExecutor(max_workers=config.max_streams + SPARE_THREADS,
+                                       thread_name_prefix="augsvc-rpc"),
+        )
+        self.health = health.HealthServicer(
+            experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
+        options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0)]
+        interceptors = [TokenInterceptor(config.token)] if config.token else []
+        self._server = grpc.server(
+            self._executors[1],
+            options=options,
+            interceptors=interceptors,
+        )
+        wire.add_augment_servicer(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        bind = address(config.host, config.port if port is None else port)
+        credentials = _server_credentials(config)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(bind)
+            else:
+                self.port = self._server.add_secure_port(bind, credentials)
+        except RuntimeError as exc:  # grpc raises on a failed bind
+            raise OSError(f"cannot listen on {bind}: {exc}") from exc
+        if self.port == 0:
+            raise OSError(f"cannot listen on {bind}")
+        self.address = address(config.host, self.port)
+        self._stopping = threading.Lock()
+        self._stopped = threading.Event()
+
+    def start(self) -> AugmentServer:
+        """Start serving; health reports SERVING for "" and augsvc.v1.Augment."""
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(wire.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._server.start()
+        log.info("listening on %s (pid %d)", self.address, os.getpid())
+        return self
+
+    def begin_shutdown(self) -> None:
+        """Health NOT_SERVING and new streams refused (UNAVAILABLE); nothing stops yet."""
+        self.health.enter_graceful_shutdown()
+        self.servicer.refuse_new_streams()
+
+    def force(self) -> None:
+        """Stop waiting for running streams (a second Ctrl-C / SIGTERM)."""
+        self.servicer.force_drain()
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Graceful stop: `begin_shutdown`, let running streams finish for up to `grace`
+        seconds (default `config.grace`), cancel what is left, stop. Idempotent."""
+        if not self._stopping.acquire(blocking=False):
+            self._stopped.wait()
+            return
+        grace = self.config.grace if grace is None else grace
+        try:
+            self.begin_shutdown()
+            left = self.servicer.drain(grace)
+            if left:
+                log.warning("grace period over: cancelling %d running stream(s)", left)
+            self._server.stop(0).wait()
+            self.servicer.join_streams(timeout=max(grace, 5.0))
+            self.pool.close()
+            for executor in self._executors:
+                executor.shutdown(wait=False)
+        finally:
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `shutdown` has finished; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> AugmentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(grace=0)
+
+
+def start_server(config: ServerConfig, catalog: Catalog | None = None) -> AugmentServer:
+    """An in-process, started `AugmentServer` (no worker processes); `shutdown()` it."""
+    return AugmentServer(config, catalog).start()

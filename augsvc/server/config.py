@@ -1,0 +1,87 @@
+"""`ServerConfig`: every option of `augsvc serve`, validated, and how addresses are written."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEVICES", "ServerConfig", "address"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every option of `augsvc serve` (see `augsvc serve --help` for each one's meaning)."""
+
+    datasets: Mapping[str, Path]
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    device: str = "auto"  # "auto": gpu when an NVIDIA GPU is visible, else cpu
+    device_id: int = 0
+    workers: int = 1
+    max_streams: int = 64  # concurrent StreamBatches per worker
+    max_batch_size: int = 1024
+    prefetch: int = 2  # finished batches queued per stream ahead of the one being sent
+    pipeline_cache: int = 4  # idle pipelines kept per worker for reuse
+    dali_threads: int | None = None  # per pipeline; None: CPU cores / workers, at most 8
+    io_threads: int = 4  # file-reading threads per pipeline
+    batch_cache_mb: int = 0  # encoded batches kept per worker for repeated requests; 0: off
+    grace: float = 10.0  # seconds running streams get to finish on shutdown
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
+    token: str | None = field(default=None, repr=False)  # bearer token for augsvc.v1.Augment
+
+    def validate(self) -> ServerConfig:
+        """Check every option; return self, or raise ValueError saying what to fix."""
+        if not self.datasets:
+            raise ValueError("no datasets: give at least one --dataset NAME=PATH")
+        for name in self.datasets:
+            if not name or not name.isprintable() or "=" in name:
+                raise ValueError(f"invalid dataset name {name!r}: use a non-empty printable "
+                                 "name without '='")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("workers", "max_streams", "max_batch_size", "prefetch", "io_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dali_threads is not None and self.dali_threads < 1:
+            raise ValueError(f"dali_threads must be >= 1, got {self.dali_threads}")
+        if min(self.pipeline_cache, self.device_id, self.grace, self.batch_cache_mb) < 0:
+            raise ValueError("pipeline_cache, device_id, grace and batch_cache_mb must be >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.token is not None and (not self.token or not self.token.isprintable()
+                                       or self.token != self.token.strip()):
+            raise ValueError("the token must be non-empty printable text without surrounding "
+                             "whitespace")
+        return self
+
+    def resolved_device(self) -> str:
+        """"cpu" or "gpu"; "auto" looks for an NVIDIA GPU without initialising CUDA."""
+        if self.device != "auto":
+            return self.device
+        try:
+            return "gpu" if os.listdir("/proc/driver/nvidia/gpus") else "cpu"
+        except OSError:
+            return "cpu"
+
+    def resolved_dali_threads(self) -> int:
+        """DALI threads per pipeline."""
+        if self.dali_threads is not None:
+            return self.dali_threads
+        return max(1, min(8, (os.cpu_count() or 1) // self.workers))
+
+
+def address(host: str, port: int) -> str:
+    """host:port, with IPv6 literals bracketed."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
