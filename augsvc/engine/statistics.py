@@ -48,10 +48,12 @@ def compute_moments(
         chosen = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
     else:
         chosen = np.arange(n)
-    sums, products, pixels = [], [], []
+    sums, products = np.zeros((len(chosen), 3)), np.zeros((len(chosen), 3, 3))
+    pixels = np.zeros(len(chosen))
+    decoded = np.zeros(len(chosen), dtype=bool)
     skipped: list[str] = []
     order: Iterable[int] = chosen.tolist()
-    for i in order if progress is None else progress(order):
+    for row, i in enumerate(order if progress is None else progress(order)):
         try:
             with Image.open(index.paths[i]) as im:
                 rgb = np.asarray(im.convert("RGB"))
@@ -59,20 +61,18 @@ def compute_moments(
             log.warning("skipping %s: cannot decode: %s", index.paths[i], exc)
             skipped.append(index.paths[i])
             continue
-        total, outer = np.zeros(3), np.zeros((3, 3))
         for start in range(0, rgb.shape[0], ROWS_PER_CHUNK):
             x = rgb[start:start + ROWS_PER_CHUNK].reshape(-1, 3).astype(np.float64)
-            total += x.sum(axis=0)
-            outer += x.T @ x
-        sums.append(total)
-        products.append(outer)
-        pixels.append(rgb.shape[0] * rgb.shape[1])
-    if not pixels or sum(pixels) == 0:
+            sums[row] += x.sum(axis=0)
+            products[row] += x.T @ x
+        pixels[row] = rgb.shape[0] * rgb.shape[1]
+        decoded[row] = True
+    if pixels.sum() == 0:
         raise StatsError(f"no image of {index.source} could be decoded "
                          f"({len(skipped)} tried)")
     if skipped:
         log.warning("%d image(s) skipped because they could not be decoded", len(skipped))
-    return PixelMoments(np.array(sums), np.array(products), np.array(pixels, dtype=np.float64))
+    return PixelMoments(sums[decoded], products[decoded], pixels[decoded])
 
 
 def compute_stats(
