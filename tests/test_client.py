@@ -72,7 +72,7 @@ def test_num_batches_balanced_matches_epoch_plan(tail):
     ({"world_size": 0}, ValueError),
     ({"epoch": -1}, ValueError),
     ({"streams_per_server": 0}, ValueError),
-    ({"tail": "keep"}, ValueError),
+    ({"tail": "wrap"}, ValueError),
     ({"balance": 1}, TypeError),
     ({"output": "jax"}, ValueError),
     ({"device": "cpu"}, ValueError),  # device needs output="torch"

@@ -272,7 +272,8 @@ def test_corrupt_images_are_dropped_and_the_stream_goes_on(
     bad = {index.paths.index(str(corrupt_folder / "class_01" / "img_0002.jpg")),
            index.paths.index(str(corrupt_folder / "class_02" / "img_0001.jpg"))}
     with connect(server.address) as channel:
-        batches = fetch(channel, stream_request("corrupt", batch_size=4, batches=[]))
+        batches = fetch(channel, stream_request("corrupt", SMALL.replace(corrupt="drop"),
+                                                batch_size=4, batches=[]))
     assert [b.header.batch_index for b in batches] == [0, 1, 2]
     dropped = [d for b in batches for d in b.header.dropped]
     assert {d.sample_id for d in dropped} == bad

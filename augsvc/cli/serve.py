@@ -10,6 +10,7 @@ from pathlib import Path
 
 TOKEN_ENV = "AUGSVC_TOKEN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STATS_OPTION = ",stats="
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,11 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
         "second signal cancels them. Exit code 0 after a clean stop.",
     )
-    p.add_argument("--dataset", "-d", metavar="NAME=PATH", action="append", required=True,
+    p.add_argument("--dataset", "-d", metavar="NAME=PATH[,stats=FILE]", action="append",
+                   required=True,
                    help="a dataset to serve under NAME: an image folder (PATH/<class>/<image>) "
-                   "or a CSV manifest; indexed once at start (cached beside it). Statistics "
-                   "from `augsvc stats PATH` are loaded when present. Repeatable; a bare PATH is "
-                   "served under its folder name")
+                   "or a CSV manifest; indexed once at start (cached beside it). Its own "
+                   "statistics (fancy PCA, normalize; spec stats 'auto' or 'dataset') are read "
+                   "from FILE, or else from what `augsvc stats PATH` wrote beside it, when "
+                   "present; without them 'auto' uses the ImageNet preset. Repeatable; a bare "
+                   "PATH is served under its folder name")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                      help="address to listen on; 0.0.0.0 or :: for every interface "
@@ -94,19 +98,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _datasets(items: list[str]) -> dict[str, Path]:
-    """NAME=PATH items (a bare PATH is named after its folder or file stem)."""
+def _datasets(items: list[str]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(datasets, statistics files) of NAME=PATH[,stats=FILE] items (a bare PATH is named
+    after its folder or file stem)."""
     out: dict[str, Path] = {}
+    stats: dict[str, Path] = {}
     for item in items:
-        name, sep, path = item.partition("=")
+        spec, sep, stats_path = item.rpartition(STATS_OPTION)
         if not sep:
-            name, path = Path(item).stem, item
+            spec, stats_path = item, ""
+        elif not stats_path:
+            raise ValueError(f"--dataset {item!r}: expected NAME=PATH,stats=FILE")
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
         if not name or not path:
-            raise ValueError(f"--dataset {item!r}: expected NAME=PATH")
+            raise ValueError(f"--dataset {item!r}: expected NAME=PATH[,stats=FILE]")
         if name in out:
             raise ValueError(f"--dataset {item!r}: the name {name!r} is given twice")
         out[name] = Path(path)
-    return out
+        if stats_path:
+            stats[name] = Path(stats_path)
+    return out, stats
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -145,8 +158,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         _check_readable(args.tls_cert, args.tls_key, args.tls_client_ca)
+        datasets, stats_files = _datasets(args.dataset)
         config = ServerConfig(
-            datasets=_datasets(args.dataset),
+            datasets=datasets,
+            stats_files=stats_files,
             host=args.host,
             port=args.port,
             device=args.device,

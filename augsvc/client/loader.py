@@ -20,7 +20,8 @@
   `(images, labels)`; with `return_meta=True`, `(images, labels, meta)` where `meta` is a
   `BatchMeta` (batch number, sample ids, draw ids, dropped samples). `loader.last_meta`
   always holds the meta of the batch yielded last, and `loader.last_dropped` its dropped
-  samples (corrupt images the server left out; that batch is then shorter).
+  samples (corrupt images left out with spec `corrupt="drop"`, or when no substitute
+  was usable; that batch is then shorter; `meta.substituted` lists the replaced ones).
 * **Fan-out.** `streams_per_server` streams per server, each on its own connection;
   they fetch disjoint groups of batches; a reorder buffer restores the order, and at most
   `prefetch` batches are requested or held ahead of the consumer (bounded memory).
@@ -82,7 +83,7 @@ from augsvc.client.torch_output import (
     torch_device,
     torch_finisher,
 )
-from augsvc.core.sampling import TAILS
+from augsvc.core.sampling import TAILS, Sharding, epoch_length
 from augsvc.core.spec import AugmentSpec, SpecError
 from augsvc.core.types import DroppedSample
 from augsvc.wire._proto import augment_pb2 as pb
@@ -221,7 +222,7 @@ class AugmentLoader:
             counts = list(info.class_counts)
         try:
             return num_batches(info.num_samples, self.batch_size, self.world_size,
-                               self.tail, counts)
+                               self.tail, counts, self.rank)
         except ValueError as exc:
             raise AugsvcError(f"dataset {self.dataset!r}: {exc}",
                               code=grpc.StatusCode.INVALID_ARGUMENT) from exc
@@ -354,11 +355,24 @@ class AugmentLoader:
         if header.dtype != spec.dtype or header.layout != spec.layout or shape[1:] != want:
             problems.append(f"{header.layout} {header.dtype} {shape} for a spec of "
                             f"{spec.layout} {spec.dtype} {want}")
-        if shape[0] + len(header.dropped) != self.batch_size:
+        rows = self._batch_rows(expected)
+        if shape[0] + len(header.dropped) != rows:
             problems.append(f"{shape[0]} samples + {len(header.dropped)} dropped != "
-                            f"batch_size {self.batch_size}")
+                            f"the {rows} of batch {expected}")
         if problems:
             raise wire.WireError(f"{server}: " + "; ".join(problems))
+
+    def _batch_rows(self, k: int) -> int:
+        """Samples batch k holds before any is dropped: batch_size (tail "keep": fewer in the
+        epoch's last batch)."""
+        if self.tail != "keep":
+            return self.batch_size
+        info = self.dataset_info()
+        counts = list(info.class_counts) if self.balance else None
+        sharding = Sharding(epoch_length(info.num_samples, counts), self.batch_size,
+                            self.world_size, self.tail)
+        start, stop = sharding.span(k, self.rank)
+        return stop - start
 
     @staticmethod
     def _finish(batch: wire.AssembledBatch) -> tuple[Any, Any, BatchMeta]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from augsvc.core.sampling import TAILS
+from augsvc.core.sampling import rank_batches
 
 __all__ = ["IDENTITY", "STATE_FORMAT", "U32", "U64", "check_int", "check_state", "num_batches"]
 
@@ -29,24 +29,14 @@ def num_batches(
     world_size: int = 1,
     tail: str = "drop_last",
     class_counts: Sequence[int] | None = None,
+    rank: int = 0,
 ) -> int:
-    """Batches per rank per epoch, as `EpochPlan` deals them.
+    """Batches rank `rank` gets per epoch, as `EpochPlan` deals them (`rank_batches`).
 
     With `class_counts` (balance=True), every class present is up-sampled to the largest.
-    ValueError when not even one round of batch_size x world_size samples exists.
+    ValueError when not even one round of batch_size x world_size samples exists (drop_last).
     """
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
-    total = num_samples
-    if class_counts is not None:
-        present = [int(c) for c in class_counts if c > 0]
-        total = max(present) * len(present) if present else 0
-    per_round = batch_size * world_size
-    rounds = total // per_round if tail == "drop_last" else -(-total // per_round)
-    if rounds == 0:
-        raise ValueError(f"{total} samples are fewer than one round of batch_size x world_size "
-                         f"= {per_round}; use tail='pad' or smaller batches")
-    return rounds
+    return rank_batches(num_samples, batch_size, world_size, rank, tail, class_counts)
 
 
 def check_int(name: str, value: Any, low: int, high: int) -> None:

@@ -14,13 +14,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CROP_MODES", "DTYPES", "LAYOUTS", "STATS_SOURCES", "AugmentSpec", "SpecError"]
+__all__ = ["CORRUPT_POLICIES", "CROP_MODES", "DTYPES", "LAYOUTS", "STATS_CHOICES", "STATS_SOURCES",
+           "AugmentSpec", "SpecError"]
 
 CROP_MODES = ("random_resized_crop", "random_crop", "center_crop")
 LAYOUTS = ("NHWC", "NCHW")
 DTYPES = ("uint8", "float16", "float32")
 INTERPOLATIONS = ("linear", "cubic", "triangular", "nearest")
-STATS_SOURCES = ("imagenet", "dataset")
+STATS_SOURCES = ("imagenet", "dataset")  # where statistics come from
+STATS_CHOICES = ("auto", *STATS_SOURCES)  # "auto": the dataset's own when it has them
+CORRUPT_POLICIES = ("substitute", "drop")
 MAX_SIZE = 4096
 
 
@@ -67,7 +70,10 @@ class AugmentSpec:
     normalize: bool = False
     layout: str = "NHWC"
     dtype: str = "uint8"
-    stats: str = "imagenet"
+    stats: str = "auto"
+    # a sample whose image cannot be decoded: "substitute" keeps the batch full with a
+    # deterministic stand-in (augsvc.core.sampling.substitutes); "drop" leaves it out
+    corrupt: str = "substitute"
 
     @classmethod
     def alexnet(cls) -> AugmentSpec:
@@ -76,8 +82,10 @@ class AugmentSpec:
 
     @classmethod
     def eval(cls) -> AugmentSpec:
-        """Evaluation preset: shorter side to 256, centre crop 224, no flips, no colour ops."""
-        return cls(crop="center_crop", p_hflip=0.0, p_vflip=0.0, hsv=False, pca=False)
+        """Evaluation preset: shorter side to 256, centre crop 224, no flips, no colour ops;
+        corrupt images dropped (and reported), never replaced by another sample."""
+        return cls(crop="center_crop", p_hflip=0.0, p_vflip=0.0, hsv=False, pca=False,
+                   corrupt="drop")
 
     def replace(self, **changes: Any) -> AugmentSpec:
         """A validated copy with `changes` applied (the original is not touched)."""
@@ -94,7 +102,8 @@ class AugmentSpec:
         _choice("layout", self.layout, LAYOUTS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
-        _choice("stats", self.stats, STATS_SOURCES)
+        _choice("stats", self.stats, STATS_CHOICES)
+        _choice("corrupt", self.corrupt, CORRUPT_POLICIES)
         if (
             len(self.size) != 2
             or not all(isinstance(v, int) and 1 <= v <= MAX_SIZE for v in self.size)

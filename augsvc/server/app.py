@@ -51,7 +51,7 @@ class AugmentServer:
 
     `port` overrides `config.port` (0: an ephemeral port, see `.port`). `reuse_port`
     lets several processes bind the same port (the workers of `serve`). `catalog`
-    defaults to `load_catalog(config.datasets)`.
+    defaults to `load_catalog(config.datasets, config.stats_files)`.
     """
 
     def __init__(
@@ -63,7 +63,8 @@ class AugmentServer:
         reuse_port: bool = False,
     ) -> None:
         self.config = config.validate()
-        self.catalog = catalog if catalog is not None else load_catalog(config.datasets)
+        self.catalog = (catalog if catalog is not None
+                        else load_catalog(config.datasets, config.stats_files))
         self.pool = PipelinePool(
             device=config.resolved_device(),
             device_id=config.device_id,

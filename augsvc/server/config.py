@@ -19,6 +19,7 @@ class ServerConfig:
     """Every option of `augsvc serve` (see `augsvc serve --help` for each one's meaning)."""
 
     datasets: Mapping[str, Path]
+    stats_files: Mapping[str, Path] = field(default_factory=dict)  # dataset -> its stats file
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     device: str = "auto"  # "auto": gpu when an NVIDIA GPU is visible, else cpu
@@ -45,6 +46,10 @@ class ServerConfig:
             if not name or not name.isprintable() or "=" in name:
                 raise ValueError(f"invalid dataset name {name!r}: use a non-empty printable "
                                  "name without '='")
+        unknown = sorted(set(self.stats_files) - set(self.datasets))
+        if unknown:
+            raise ValueError(f"a statistics file for {unknown[0]!r}, which is not a served "
+                             f"dataset")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not 0 <= self.port <= 65535:

@@ -99,7 +99,7 @@ class Supervisor:
     def run(self) -> int:
         config = self.config
         with reserve_port(config.host, config.port) as (sock, port):  # fail fast: before indexing
-            catalog = load_catalog(config.datasets)
+            catalog = load_catalog(config.datasets, config.stats_files)
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
             try:
                 return self._supervise(catalog, sock, port)
