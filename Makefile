@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 
 .PHONY: install test lint protos gpu-check
 
-install:  ## venv with the server + dev extras, the colour-kernel plugin, the Node example client
+install:  ## system packages (as root), venv with the server + dev extras, the colour-kernel plugin, the Node example client
+	sh scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[server,dev]'

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -122,14 +122,20 @@ def running_server(
     workers: int = 1,
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    port: int = 0,
+    prefix: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """Start `python -m augsvc serve --dataset NAME=PATH ... --port 0 --device cpu
+    """Start `python -m augsvc serve --dataset NAME=PATH ... --port PORT --device cpu
     --workers N *extra_args`, wait for its serving line, yield it; stop it on exit
-    (SIGTERM, then SIGKILL of the whole group after 30 s)."""
-    args = [sys.executable, "-m", "augsvc", "serve"]
+    (SIGTERM, then SIGKILL of the whole group after 30 s).
+
+    `prefix` runs it through a command that execs the rest in the same process, e.g.
+    `("ip", "netns", "exec", NS)` to start it inside a network namespace.
+    """
+    args = [*prefix, sys.executable, "-m", "augsvc", "serve"]
     for name, path in datasets.items():
         args += ["--dataset", f"{name}={path}"]
-    args += ["--port", "0", "--device", "cpu", "--workers", str(workers), *extra_args]
+    args += ["--port", str(port), "--device", "cpu", "--workers", str(workers), *extra_args]
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
