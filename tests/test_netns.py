@@ -191,7 +191,9 @@ def test_rolling_restart_of_every_host(network, cluster, reference, tmp_path):
     """Each server host restarted in turn mid-epoch, the next once the last serves again
     (down 2 s, as a pod being replaced): the epoch completes with the engine's bytes."""
     want = reference(2)
-    with trainer(network, cluster, tmp_path, epoch=2, step_s=0.25) as run:
+    # 0.6 s a batch: three restarts (each waits for the host to serve again, slow on a
+    # loaded machine) fit well inside the 120-batch epoch
+    with trainer(network, cluster, tmp_path, epoch=2, step_s=0.6) as run:
         run.wait_for(5)
         for host in network.servers:
             cluster.stop(host)
