@@ -4,7 +4,9 @@ that can fail, hang or refuse on demand."""
 
 from __future__ import annotations
 
+import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,6 +108,32 @@ def test_bad_arguments(kwargs, error):
     args = {"servers": "127.0.0.1:1", "dataset": "d", **kwargs}
     with pytest.raises(error):
         AugmentLoader(**args)
+
+
+@pytest.mark.parametrize(("address", "target"), [
+    ("aug-0", "aug-0:50051"), ("aug-0:7000", "aug-0:7000"), ("10.0.0.5", "10.0.0.5:50051"),
+    ("::1", "[::1]:50051"), ("[::1]", "[::1]:50051"), ("[::1]:7000", "[::1]:7000"),
+    ("dns:///aug:7000", "dns:///aug:7000"), ("unix:/run/augsvc.sock", "unix:/run/augsvc.sock"),
+])
+def test_an_address_without_a_port_means_50051(address, target):
+    loader = AugmentLoader([address, "other:1"], "d")
+    assert loader.pool.targets == (target, "other:1")
+
+
+def test_output_torch_without_torch_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # what an install without torch sees
+    with pytest.raises(ImportError, match=r"pip install 'augsvc\[torch\]'"):
+        AugmentLoader("127.0.0.1:1", "d", output="torch")
+
+
+def test_help_lists_every_argument_on_one_line():
+    import inspect
+    import pydoc
+
+    text = pydoc.render_doc(AugmentLoader, renderer=pydoc.plaintext)
+    args = text[text.index("Args:"):]
+    for name in list(inspect.signature(AugmentLoader).parameters):
+        assert re.search(rf"^[ |]+{name}: \S", args, re.MULTILINE), name  # help's " |  "
 
 
 def test_public_facade():
