@@ -180,6 +180,7 @@ def test_state_dict_round_trip():
     ({"batch_size": 3}, "batch_size"),
     ({"spec": SPEC.replace(p_hflip=0.0)}, "spec"),
     ({"tail": "pad"}, "tail"),
+    ({"shuffle": False}, "shuffle"),
 ])
 def test_state_dict_mismatch(change, field):
     state = _loader().state_dict()
@@ -195,6 +196,14 @@ def test_state_dict_malformed():
     del state["next_batch"]
     with pytest.raises(ValueError, match="next_batch"):
         loader.load_state_dict(state)
+
+
+def test_a_state_saved_before_shuffle_existed_loads():
+    state = _loader().state_dict()
+    del state["shuffle"]  # saved by a loader that always shuffled
+    _loader().load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle"):
+        _loader(shuffle=False).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------
