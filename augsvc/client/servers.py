@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import random
@@ -16,12 +17,31 @@ from augsvc import wire
 from augsvc.client.errors import FATAL_CODES, AugsvcError, status
 from augsvc.wire._proto import augment_pb2 as pb
 
-__all__ = ["BACKOFF_MAX_S", "ChannelCache", "Server", "ServerPool", "pem_bytes"]
+__all__ = ["BACKOFF_MAX_S", "DEFAULT_PORT", "ChannelCache", "Server", "ServerPool", "pem_bytes",
+           "with_port"]
 
 log = logging.getLogger("augsvc.client")
 
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 2.0
+DEFAULT_PORT = 50051  # `augsvc serve --port`'s default
+
+
+def with_port(address: str) -> str:
+    """`address` with augsvc's port when it names none ("aug-0" -> "aug-0:50051", "::1" ->
+    "[::1]:50051"); gRPC would take 443. Target URIs ("dns:///aug:50051", "unix:...")
+    are left as they are."""
+    if address.startswith("[") and address.endswith("]"):  # [IPv6] without a port
+        return f"{address}:{DEFAULT_PORT}"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        return f"[{ip}]:{DEFAULT_PORT}" if ip.version == 6 else f"{ip}:{DEFAULT_PORT}"
+    if ":" not in address:
+        return f"{address}:{DEFAULT_PORT}"
+    return address  # host:port, [v6]:port, or a URI with a scheme
 
 
 class Server:

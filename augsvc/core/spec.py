@@ -1,9 +1,10 @@
 """AugmentSpec: every switch, range and probability of an augmentation request.
 
-A spec is a frozen dataclass of flat, typed fields (timm style). `validate()` checks
-every field and raises `SpecError` naming the field and what is allowed; the
-server maps that to INVALID_ARGUMENT. `to_dict`/`from_dict` round-trip through
-plain JSON; unknown keys are errors, not silently ignored.
+A spec is a frozen dataclass of flat, typed fields (timm style). It is checked when it
+is made: `AugmentSpec(p_hflip=2)` raises `SpecError` naming the field and what is
+allowed (the server maps the same error to INVALID_ARGUMENT). Lists become tuples and
+an integer `size` a square. `to_dict`/`from_dict` round-trip through plain JSON;
+unknown keys are errors, not silently ignored.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class AugmentSpec:
     # deterministic stand-in (augsvc.core.sampling.substitutes); "drop" leaves it out
     corrupt: str = "substitute"
 
+    def __post_init__(self) -> None:
+        for name, value in _coerce(self.__dict__).items():
+            object.__setattr__(self, name, value)
+        self.validate()
+
     @classmethod
     def alexnet(cls) -> AugmentSpec:
         """Training preset: the DESIGN table's defaults (RRC 224, h-flip, HSV jitter, PCA 0.1)."""
@@ -89,7 +95,7 @@ class AugmentSpec:
 
     def replace(self, **changes: Any) -> AugmentSpec:
         """A validated copy with `changes` applied (the original is not touched)."""
-        return dataclasses.replace(self, **_coerce(changes)).validate()
+        return dataclasses.replace(self, **changes)
 
     @property
     def colour(self) -> bool:
@@ -155,11 +161,7 @@ class AugmentSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(unknown[0], f"unknown field; known fields: {', '.join(sorted(known))}")
-        try:
-            spec = cls(**_coerce(data))
-        except TypeError as exc:  # pragma: no cover - guarded by the key check above
-            raise SpecError("<spec>", str(exc)) from exc
-        return spec.validate()
+        return cls(**data)
 
     def to_json(self) -> str:
         """Compact JSON text of `to_dict()`."""
@@ -175,15 +177,14 @@ class AugmentSpec:
         return cls.from_dict(data)
 
 
-def _coerce(data: dict[str, Any]) -> dict[str, Any]:
-    """Lists from JSON become tuples; an int `size` means a square."""
+def _coerce(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields to change: lists (from JSON) become tuples; an int `size` means a square."""
     out = {}
-    for key, value in data.items():
+    for key, value in fields.items():
         if key == "size" and isinstance(value, int) and not isinstance(value, bool):
-            value = (value, value)
-        if isinstance(value, list):
-            value = tuple(value)
-        out[key] = value
+            out[key] = (value, value)
+        elif isinstance(value, list):
+            out[key] = tuple(value)
     return out
 
 
