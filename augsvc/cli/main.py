@@ -15,7 +15,7 @@ import sys
 
 from augsvc import __version__
 
-COMMANDS = ("stats", "preview", "build_kernels", "serve", "bench")
+COMMANDS = ("stats", "preview", "build_kernels", "serve", "health", "bench")
 # what each command imports beyond the client's dependencies; all of it is the server extra
 NEEDS = {
     "stats": ("PIL",),
