@@ -126,15 +126,17 @@ def running_server(
     timeout: float = 60,
     port: int = 0,
     prefix: Sequence[str] = (),
+    command: Sequence[str] = (sys.executable, "-m", "augsvc", "serve"),
 ) -> Iterator[ServerProcess]:
     """Start `python -m augsvc serve --dataset NAME=PATH ... --port PORT --device cpu
     --workers N *extra_args`, wait for its serving line, yield it; stop it on exit
     (SIGTERM, then SIGKILL of the whole group after 30 s).
 
     `prefix` runs it through a command that execs the rest in the same process, e.g.
-    `("ip", "netns", "exec", NS)` to start it inside a network namespace.
+    `("ip", "netns", "exec", NS)` to start it inside a network namespace. `command`
+    replaces `python -m augsvc serve` (e.g. with the serve of a container image).
     """
-    args = [*prefix, sys.executable, "-m", "augsvc", "serve"]
+    args = [*prefix, *command]
     for name, path in datasets.items():
         args += ["--dataset", f"{name}={path}"]
     args += ["--port", str(port), "--device", "cpu", "--workers", str(workers), *extra_args]
