@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from pathlib import Path
 from serverproc import REPO_ROOT, child_pids
 
 __all__ = ["DOCKERFILE", "Buildah", "cache_dir", "clean_context", "descendants",
-           "dockerfile_bases", "kill_tree", "missing_tools"]
+           "dockerfile_bases", "dockerfile_instructions", "kill_tree", "missing_tools"]
 
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -72,15 +73,26 @@ def cache_dir() -> Path:
     return Path(base) / "augsvc" / "deploy"
 
 
+def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of every instruction, continuation lines joined."""
+    out = []
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    for line in text.splitlines():
+        words = line.strip().split(None, 1)
+        if words and not words[0].startswith("#"):
+            out.append((words[0].upper(), words[1] if len(words) > 1 else ""))
+    return out
+
+
 def dockerfile_bases(dockerfile: Path) -> set[str]:
     """The fully qualified images the Dockerfile's FROM lines name (stages excluded)."""
     stages, bases = set(), set()
-    for line in dockerfile.read_text().splitlines():
-        words = line.split()
-        if len(words) < 2 or words[0].upper() != "FROM":
+    for instruction, args in dockerfile_instructions(dockerfile):
+        words = args.split()
+        if instruction != "FROM" or not words:
             continue
-        image = next(w for w in words[1:] if not w.startswith("--"))
-        if len(words) >= 4 and words[-2].upper() == "AS":
+        image = next(w for w in words if not w.startswith("--"))
+        if len(words) >= 3 and words[-2].upper() == "AS":
             stages.add(words[-1])
         if image not in stages:
             bases.add(_qualified(image))

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve datasets to trainers over gRPC",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        fromfile_prefix_chars="@",
         description="Serve named datasets over gRPC (service augsvc.v1.Augment, plus the "
         "standard health service and server reflection). Trainers stream augmented batches "
         "with StreamBatches; every random choice is a function of (seed, epoch, sample), so "
@@ -29,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(with --health-port: `..., workers=<w>, health_port=<p>)`).\n"
         "SIGINT (Ctrl-C) or SIGTERM stops gracefully: health turns NOT_SERVING, new streams "
         "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
-        "second signal cancels them. Exit code 0 after a clean stop.",
+        "second signal cancels them. Exit code 0 after a clean stop.\n\n"
+        "@FILE stands for the arguments in FILE, one per line (e.g. --dataset=NAME=PATH), "
+        "such as a mounted Kubernetes ConfigMap listing the datasets.",
     )
     p.add_argument("--dataset", "-d", metavar="NAME=PATH[,stats=FILE]", action="append",
                    required=True,
