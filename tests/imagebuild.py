@@ -236,6 +236,17 @@ class Buildah:
         finally:
             self("rm", name)
 
+    def written(self, ctr: str) -> list[str]:
+        """Files the container wrote to its own file system (its overlay upper layer), and
+        the mount points `buildah run` made there; not the directories above them."""
+        merged = Path(self("mount", ctr).strip())
+        try:
+            upper = merged.parent / "diff"
+            return sorted("/" + str(p.relative_to(upper)) for p in upper.rglob("*")
+                          if not p.is_dir() or not any(p.iterdir()))
+        finally:
+            self("umount", ctr)
+
     def run_command(self, ctr: str, volumes: tuple[str, ...] = ()) -> list[str]:
         """`buildah run` of the container (chroot isolation, host network), up to `--`."""
         args = [*self.prefix, "run", "--isolation", "chroot", "--network", "host"]

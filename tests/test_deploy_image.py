@@ -39,7 +39,7 @@ from augsvc.client import AugmentLoader
 from augsvc.core.sampling import EpochPlan
 from augsvc.core.spec import AugmentSpec
 from augsvc.engine.augmenter import Augmenter
-from augsvc.engine.dataset import open_dataset
+from augsvc.engine.dataset import FOLDER_CACHE_NAME, open_dataset
 from augsvc.engine.statistics import load_stats
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -151,6 +151,7 @@ def test_image_serves_an_epoch_equal_to_the_engine(
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run([sys.executable, "-m", "augsvc", "stats", str(data)], check=True,
                    capture_output=True, env=env, timeout=120)
+    (data / FOLDER_CACHE_NAME).unlink()  # the server, on a read-only mount, caches its own
     name, _, mounted = _serve_args(config).dataset[-1].partition("=")
     with buildah.container(TAG) as ctr:
         command = [*buildah.run_command(ctr, volumes=(f"{data}:{mounted}:ro",)),
@@ -161,6 +162,14 @@ def test_image_serves_an_epoch_equal_to_the_engine(
                 _check_running(buildah, ctr, server, name, data, config)
             finally:
                 kill_tree(server.proc)
+        # What a read-only root file system must leave writable (the emptyDirs and tmpfs
+        # of deploy/k8s and compose): the index cache and /tmp; /data and /run are the
+        # mount points `buildah run` made.
+        allowed = ("/home/augsvc/.cache", "/tmp", mounted, "/run")  # and below them
+        written = buildah.written(ctr)
+        assert any(p.startswith("/home/augsvc/.cache/augsvc/index") for p in written), written
+        assert [p for p in written if not any(p == a or p.startswith(a + "/")
+                                              for a in allowed)] == []
 
 
 def _check_running(buildah: Buildah, ctr: str, server, name: str, data: Path,
