@@ -60,7 +60,7 @@ def missing_tools() -> list[str]:
         missing.append("root (debootstrap and buildah's chroot isolation need it)")
     absent = [package for tool, package in TOOLS.items() if shutil.which(tool) is None]
     if absent:
-        missing.append(f"{', '.join(absent)} (`sudo make install` or "
+        missing.append(f"{', '.join(absent)} (`sudo sh scripts/system-deps.sh` or "
                        f"`apt-get install {' '.join(absent)}`)")
     if not (REPO_ROOT / ".git").exists():
         missing.append(f"a git checkout at {REPO_ROOT} (the build context is `git ls-files`)")
