@@ -29,6 +29,7 @@ from serverproc import REPO_ROOT
 
 from augsvc import wire
 from augsvc.cli import build_parser
+from augsvc.cli.serve import _datasets
 from augsvc.server.supervisor import STOP_MARGIN
 
 pytestmark = pytest.mark.deploy
@@ -185,8 +186,15 @@ def test_compose_commands_use_real_flags(compose: dict, name: str, tmp_path: Pat
         assert parse(image["health"], {}, tmp_path).target == f"127.0.0.1:{args.health_port}"
         assert [p.split(":")[-1] for p in service["ports"]] == [str(args.port)]
         assert str(args.token_file) == f"/run/secrets/{service['secrets'][0]}"
-        for dataset in args.dataset:
-            assert under(dataset.partition("=")[2], mounts)["read_only"]
+        datasets, stats = _datasets(args.dataset)
+        for path in [*datasets.values(), *stats.values()]:
+            assert under(str(path), mounts)["read_only"], path
+        if name == "server":  # the statistics it reads are the ones `stats` writes
+            prepare = compose["services"]["stats"]
+            out = parse(prepare["entrypoint"][1:] + prepare["command"], {}, tmp_path).out
+            assert out == stats["imagenet"]
+            theirs = {v["target"]: v["source"] for v in prepare["volumes"]}
+            assert theirs[str(out.parent)] == mounts[str(stats["imagenet"].parent)]["source"]
         assert service["read_only"]
         for path in WRITABLE:
             assert path in service["tmpfs"] or mounts[path]["type"] == "volume", path
@@ -195,7 +203,8 @@ def test_compose_commands_use_real_flags(compose: dict, name: str, tmp_path: Pat
         assert under(str(args.dataset), mounts)["read_only"]
         assert under(str(args.json), mounts)["type"] == "bind"
     else:
-        assert "read_only" not in under(str(args.path), mounts)  # stats writes beside them
+        assert under(str(args.path), mounts)["read_only"]
+        assert "read_only" not in under(str(args.out), mounts)
 
 
 # ---------------------------------------------------------------------------- kubernetes
@@ -288,10 +297,13 @@ def check_server(docs: list[dict], variant: str, tmp_path: Path) -> None:
     for path in (args.token_file, args.tls_cert, args.tls_key):
         if path is not None:
             assert "secret" in under(str(path), mounts), path
-    for dataset in args.dataset:
-        volume = under(dataset.partition("=")[2], mounts)
+    datasets, stats = _datasets(args.dataset)
+    for path in [*datasets.values(), *stats.values()]:
+        volume = under(str(path), mounts)
         assert volume["readOnly"] and volume["persistentVolumeClaim"]["readOnly"]
         assert volume["persistentVolumeClaim"]["claimName"] in by_kind["PersistentVolumeClaim"]
+    prepare = prepare_job_args(tmp_path)
+    assert stats["imagenet"] == prepare.out and datasets["imagenet"] == prepare.path
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": args.port, "health": args.health_port}
@@ -320,10 +332,16 @@ def check_server(docs: list[dict], variant: str, tmp_path: Path) -> None:
     assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+def prepare_job_args(tmp_path: Path) -> argparse.Namespace:
+    (job,) = load_all(K8S / "prepare-job.yaml")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return parse(container["command"][1:] + container["args"], {}, tmp_path)
+
+
 def test_k8s_prepare_job_and_example_secrets(tmp_path: Path) -> None:
     (job,) = load_all(K8S / "prepare-job.yaml")
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    args = parse(container["command"][1:] + container["args"], {}, tmp_path)
+    args = prepare_job_args(tmp_path)
     assert args.command == "stats"
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] | {"readOnly": m.get("readOnly", False)}

@@ -22,6 +22,7 @@ NEEDS = {
     "preview": ("nvidia.dali", "PIL"),
     "build_kernels": ("nvidia.dali",),
     "serve": ("nvidia.dali", "PIL", "grpc_health", "grpc_reflection"),
+    "health": ("grpc_health",),
     "bench": ("nvidia.dali", "PIL"),
 }
 SERVER_EXTRA = "pip install 'augsvc[server]'"
