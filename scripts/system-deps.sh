@@ -1,9 +1,10 @@
 #!/bin/sh
 # System packages the tests need, on Debian/Ubuntu: iproute2 (ip, tc) and nftables (nft) for
-# the network-namespace tests (tests/test_netns.py). Installs only what is missing, and only
+# the network-namespace tests (tests/test_netns.py); buildah and debootstrap to build and run
+# the deploy image (tests/test_deploy_image.py). Installs only what is missing, and only
 # as root with apt-get; otherwise says what it skipped (those tests then skip, naming it).
 set -eu
-PACKAGES="iproute2 nftables"
+PACKAGES="iproute2 nftables buildah debootstrap"
 
 missing=""
 for pkg in $PACKAGES; do

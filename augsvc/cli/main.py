@@ -15,13 +15,14 @@ import sys
 
 from augsvc import __version__
 
-COMMANDS = ("stats", "preview", "build_kernels", "serve", "bench")
+COMMANDS = ("stats", "preview", "build_kernels", "serve", "health", "bench")
 # what each command imports beyond the client's dependencies; all of it is the server extra
 NEEDS = {
     "stats": ("PIL",),
     "preview": ("nvidia.dali", "PIL"),
     "build_kernels": ("nvidia.dali",),
     "serve": ("nvidia.dali", "PIL", "grpc_health", "grpc_reflection"),
+    "health": ("grpc_health",),
     "bench": ("nvidia.dali", "PIL"),
 }
 SERVER_EXTRA = "pip install 'augsvc[server]'"

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve datasets to trainers over gRPC",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        fromfile_prefix_chars="@",
         description="Serve named datasets over gRPC (service augsvc.v1.Augment, plus the "
         "standard health service and server reflection). Trainers stream augmented batches "
         "with StreamBatches; every random choice is a function of (seed, epoch, sample), so "
@@ -26,9 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Worker processes share one port (SO_REUSEPORT); each has its own DALI pipelines. "
         "On start one line goes to stdout:\n"
         "  augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)\n"
+        "(with --health-port: `..., workers=<w>, health_port=<p>)`).\n"
         "SIGINT (Ctrl-C) or SIGTERM stops gracefully: health turns NOT_SERVING, new streams "
         "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
-        "second signal cancels them. Exit code 0 after a clean stop.",
+        "second signal cancels them. Exit code 0 after a clean stop.\n\n"
+        "@FILE stands for the arguments in FILE, one per line (e.g. --dataset=NAME=PATH), "
+        "such as a mounted Kubernetes ConfigMap listing the datasets.",
     )
     p.add_argument("--dataset", "-d", metavar="NAME=PATH[,stats=FILE]", action="append",
                    required=True,
@@ -45,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--port", type=int, default=50051, metavar="N",
                      help="TCP port; 0 picks a free one, printed on the serving line "
                      "(default: 50051)")
+    net.add_argument("--health-port", type=int, default=None, metavar="N",
+                     help="also serve grpc.health.v1 alone on this port (same --host), in "
+                     "plaintext and without a token, for probes that speak neither TLS nor "
+                     "tokens (Kubernetes' gRPC probes with --tls-cert on). It reports what the "
+                     "main port reports, NOT_SERVING while draining included; 0 picks a free "
+                     "one, printed on the serving line (default: none)")
     work = p.add_argument_group("processing")
     work.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                       help="where DALI runs: gpu (nvJPEG decode + CUDA kernels), cpu, or auto: "
@@ -164,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             stats_files=stats_files,
             host=args.host,
             port=args.port,
+            health_port=args.health_port,
             device=args.device,
             device_id=args.device_id,
             workers=args.workers,

@@ -33,6 +33,7 @@ class ServerConfig:
     io_threads: int = 4  # file-reading threads per pipeline
     batch_cache_mb: int = 0  # encoded batches kept per worker for repeated requests; 0: off
     grace: float = 10.0  # seconds running streams get to finish on shutdown
+    health_port: int | None = None  # plaintext grpc.health.v1 only, beside `port`; 0: any
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
@@ -54,6 +55,11 @@ class ServerConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                raise ValueError(f"health port must be in [0, 65535], got {self.health_port}")
+            if self.health_port == self.port != 0:
+                raise ValueError(f"the health port must differ from the port ({self.port})")
         for name in ("workers", "max_streams", "max_batch_size", "prefetch", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
