@@ -293,12 +293,12 @@ class AugmentLoader:
             if self._fetcher is not None:
                 self._fetcher.close()
             fetcher = self._fetcher = self._make_fetcher(order, pin)
-        return self._generate(fetcher, order, track)
+            batches = self._output.batches(fetcher.get, fetcher.schedule.ready, len(order),
+                                           self.dataset_info)  # the pass's buffers, now
+        return self._generate(fetcher, batches, order, track)
 
-    def _generate(self, fetcher: Fetcher, order: Sequence[tuple[int, int]],
-                  track: bool) -> Iterator[Any]:
-        batches = self._output.batches(fetcher.get, fetcher.schedule.ready, len(order),
-                                       self.dataset_info)
+    def _generate(self, fetcher: Fetcher, batches: Iterator[Any],
+                  order: Sequence[tuple[int, int]], track: bool) -> Iterator[Any]:
         try:
             for position, (images, labels, meta) in enumerate(batches):
                 if track:
