@@ -8,12 +8,15 @@
 * `tmp_dataset` (function): a factory `tmp_dataset(**kwargs) -> Path` writing a fresh
   folder under the test's `tmp_path` per call; kwargs go to `synth.make_dataset`
   (defaults here: 2 classes x 3 images of 96x128, for speed).
+* `host_transfer` (function): a factory `host_transfer(delay=0.0)` of
+  `standin.HostTransfer`s (the CPU stand-in for the loader's CUDA copies), whose worker
+  threads end with the test.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +46,19 @@ def tmp_dataset(tmp_path: Path) -> Callable[..., Path]:
         return make_dataset(tmp_path / f"dataset_{next(counter)}", **options)
 
     return make
+
+
+@pytest.fixture
+def host_transfer() -> Iterator[Callable[..., Any]]:
+    """Factory of CPU stand-ins for `CudaTransfer` (see module doc)."""
+    from standin import HostTransfer
+
+    made: list[HostTransfer] = []
+
+    def make(delay: float = 0.0) -> HostTransfer:
+        made.append(HostTransfer(delay))
+        return made[-1]
+
+    yield make
+    for transfer in made:
+        transfer.side.shutdown()

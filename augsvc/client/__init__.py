@@ -2,8 +2,9 @@
 
 `loader` is the public surface; `state` its epoch arithmetic and resume state; `streams`,
 `schedule` and `servers` the stream threads, reordering and failover behind it;
-`torch_output` the optional torch tensors; `memory` the malloc tuning. The client never
-imports DALI, PIL or matplotlib (an import-linter contract holds this).
+`torch_output` the optional torch tensors, `staging` and `transfer` their way onto a CUDA
+device; `memory` the malloc tuning. The client never imports DALI, PIL or matplotlib (an
+import-linter contract holds this).
 """
 
 from augsvc.client.errors import AugsvcError

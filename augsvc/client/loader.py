@@ -33,8 +33,12 @@
   a server failing more than `max_retries` times in a row is given up; statuses no
   retry can fix raise `AugsvcError` at once (`.code`, `.details`, `.server`).
 * **Output.** numpy: uint8 (or the spec's dtype) arrays and int64 labels; torch:
-  tensors, pinned when CUDA is available, moved to `device` and normalized there (the
-  wire stays uint8). `return_meta=True` adds a `BatchMeta`; `last_meta`/`last_dropped`
+  tensors, pinned when CUDA is available (the wire stays uint8). With `device="cuda"`
+  each batch is assembled in one of a few reused pinned buffers, copied once on the
+  loader's own CUDA stream and normalized there in one kernel; batch k+1's copy starts
+  before batch k is yielded, so it runs during the training step, and the tensors come
+  ready for the caller's current stream (it waits on an event; the host does not).
+  `return_meta=True` adds a `BatchMeta`; `last_meta`/`last_dropped`
   describe the batch yielded last. A corrupt image's row holds a deterministic stand-in
   (`meta.substituted`; spec `corrupt="substitute"`, the default) or, with
   `corrupt="drop"`, is left out (a shorter batch, `meta.dropped`).
@@ -109,7 +113,8 @@ class AugmentLoader:
         balance: up-sample every class to the largest one's count.
         output: "numpy" (arrays) or "torch" (tensors; needs `augsvc[torch]`).
         device: with output="torch", the device to move batches to (e.g. "cuda").
-        normalize: float32 (x - mean) / std with the dataset statistics, on `device`.
+        normalize: float32 (x - mean) / std with the dataset statistics, on `device`
+            (for "cuda" on the loader's stream, overlapping the training step).
         return_meta: yield (images, labels, meta) with a `BatchMeta`.
         streams_per_server: parallel streams (connections) to each server.
         prefetch: batches requested or held ahead at most (default: enough for the streams).
@@ -288,14 +293,14 @@ class AugmentLoader:
             if self._fetcher is not None:
                 self._fetcher.close()
             fetcher = self._fetcher = self._make_fetcher(order, pin)
-        return self._generate(fetcher, order, track)
+            batches = self._output.batches(fetcher.get, fetcher.schedule.ready, len(order),
+                                           self.dataset_info)  # the pass's buffers, now
+        return self._generate(fetcher, batches, order, track)
 
-    def _generate(self, fetcher: Fetcher, order: Sequence[tuple[int, int]],
-                  track: bool) -> Iterator[Any]:
+    def _generate(self, fetcher: Fetcher, batches: Iterator[Any],
+                  order: Sequence[tuple[int, int]], track: bool) -> Iterator[Any]:
         try:
-            for position in range(len(order)):
-                images, labels, meta = fetcher.get(position)
-                images, labels = self._output.deliver(images, labels, self.dataset_info)
+            for position, (images, labels, meta) in enumerate(batches):
                 if track:
                     self._position.advance(*order[position])
                 self.last_meta = meta
@@ -317,7 +322,7 @@ class AugmentLoader:
             rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
             tail=self.tail, balance=self.balance, shuffle=self.shuffle,
         )
-        allocate, finish = self._output.parts(pin)
+        allocate, finish = self._output.parts(pin, self.prefetch)
         if self._channels is None or self._channels.pid != os.getpid():
             self._channels = ChannelCache(self.pool)
         sharding = self._sharding()
@@ -362,7 +367,8 @@ class AugmentLoader:
     # -- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Cancel the streams of a pass in progress, join their threads, close connections."""
+        """Cancel the streams of a pass in progress, join their threads, close connections,
+        let the staging buffers go."""
         with self._lock:
             fetcher, self._fetcher = self._fetcher, None
             channels, self._channels = self._channels, None
@@ -370,6 +376,7 @@ class AugmentLoader:
             fetcher.close()
         if channels is not None:
             channels.close()
+        self._output.release()
 
     def __enter__(self) -> AugmentLoader:
         return self

@@ -101,6 +101,11 @@ class Schedule:
                 self.error = no_server_left()
             self.cond.notify_all()
 
+    def ready(self, position: int) -> bool:
+        """Whether the item at `position` has arrived (`get` would not wait for it)."""
+        with self.cond:
+            return position in self.done
+
     def get(self, position: int, watch: Callable[[float], None]) -> Any:
         """The item at `position` (the consumer's next); raises the iteration's error.
 

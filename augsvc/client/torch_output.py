@@ -1,4 +1,4 @@
-"""Torch output for the loader: pinned batch buffers, tensors, and the IterableDataset wrapper.
+"""Torch output for the loader: batch buffers, tensors, and the IterableDataset wrapper.
 
 Imported only when a loader asks for `output="torch"`: importing augsvc never imports torch.
 """
@@ -16,8 +16,8 @@ from augsvc.client.meta import BatchMeta, batch_meta
 if TYPE_CHECKING:
     from augsvc.client.loader import AugmentLoader
 
-__all__ = ["TORCH_EXTRA", "require_torch", "torch_allocator", "torch_dataset_class",
-           "torch_device", "torch_finisher"]
+__all__ = ["TORCH_EXTRA", "require_torch", "staged_finish", "torch_allocator",
+           "torch_dataset_class", "torch_device", "torch_finisher"]
 
 TORCH_EXTRA = "pip install 'augsvc[torch]'"
 
@@ -43,12 +43,15 @@ def torch_device(device: Any) -> Any:
 
 
 def torch_allocator(pin: bool) -> wire.Allocate:
+    """A fresh (pinned) tensor per batch, for batches yielded on the host: torch's pinned
+    allocator keeps a block from reuse until the copies recorded on it (a consumer's own
+    `.cuda(non_blocking=True)`) have finished, which a buffer ring could not know of."""
     import torch
 
     dtypes = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 
     def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        # the array's .base is a tensor on the same (pinned) storage: see _torch_finisher
+        # the array's .base is a tensor on the same (pinned) storage: see torch_finisher
         return torch.empty(shape, dtype=dtypes[dtype.name], pin_memory=pin).numpy()
 
     return allocate
@@ -67,6 +70,13 @@ def torch_finisher(pin: bool) -> Any:
         return images, labels, batch_meta(batch)
 
     return finish
+
+
+def staged_finish(batch: wire.AssembledBatch) -> tuple[np.ndarray, Any, BatchMeta]:
+    """A batch assembled in a `StagingRing` buffer: the array (its buffer's lease), labels."""
+    import torch
+
+    return batch.array, torch.from_numpy(batch.labels), batch_meta(batch)
 
 
 _TORCH_DATASET: type | None = None
