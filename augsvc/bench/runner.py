@@ -11,10 +11,13 @@
              size, same streams, same loopback, nothing decoded
 (d) torchvision  a DataLoader with the closest equivalent transforms (`augsvc.bench.baseline`),
              when an interpreter with torchvision is available
+(e) tf.data service  TF's fast chain through one dispatcher + one worker on loopback
+             (`augsvc.bench.tfdata`), when an interpreter with TensorFlow is available
 
 (a0) plain    (a) without the colour kernel: decode + crop + flip only
+(e0) tf.data  the same TF chain in-process: their engine without their wire
 
-Ratios: (a)/(a0), (b)/(a), (b)/(c), (b')/(c), (b'')/(c) and (a)/(d).
+Ratios: `augsvc.bench.report.RATIOS`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from augsvc.bench.report import Figure, row
+from augsvc.bench.report import Figure, ratios, row
 from augsvc.core.spec import AugmentSpec
 
 if TYPE_CHECKING:
@@ -63,6 +66,7 @@ class BenchConfig:
     workers: int = 1  # server worker processes
     streams: int = 2  # loader streams per server
     baseline_python: str | None = None  # interpreter with torchvision; None: this one if able
+    tf_python: str | None = None  # interpreter with TensorFlow; None: this one if able
     skip: tuple[str, ...] = ()  # measurement keys to leave out
 
 
@@ -71,7 +75,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     with tempfile.TemporaryDirectory(prefix="augsvc-bench-") as tmp:
         data = cfg.dataset or _generate(Path(tmp) / "images", cfg.images, cfg.epoch_images, log)
         figures: dict[str, Figure] = {}
-        steps = [("a", _engine), ("b", _service), ("c", _bare), ("d", _torchvision)]
+        steps = [("a", _engine), ("b", _service), ("c", _bare), ("d", _torchvision),
+                 ("e", _tfdata)]
         for i, (key, fn) in enumerate(steps, 1):
             if key in cfg.skip:
                 continue
@@ -83,24 +88,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "config": {**asdict(cfg), "spec": cfg.spec.to_dict(), "dataset": str(data)},
         "machine": _machine(),
         "figures": {k: asdict(f) for k, f in figures.items()},
-        "ratios": _ratios(figures),
+        "ratios": ratios(figures),
     }
-
-
-def _ratios(f: dict[str, Figure]) -> dict[str, float | None]:
-    def ratio(a: str, b: str) -> float | None:
-        if a in f and b in f and f[a].img_s and f[b].img_s:
-            return f[a].img_s / f[b].img_s
-        return None
-
-    def mb_ratio(a: str, b: str) -> float | None:
-        if a in f and b in f and f[a].mb_s and f[b].mb_s:
-            return f[a].mb_s / f[b].mb_s
-        return None
-
-    return {"a/a0": ratio("a", "a0"), "b/a": ratio("b", "a"), "b/c": mb_ratio("b", "c"),
-            "b'/c": mb_ratio("b'", "c"),
-            "b''/c": mb_ratio("b''", "c"), "a/d": ratio("a", "d")}
 
 
 # ------------------------------------------------------------------ measurements
@@ -208,28 +197,62 @@ def _bare(cfg: BenchConfig, data: Path) -> list[Figure]:
 
 def _torchvision(cfg: BenchConfig, data: Path) -> list[Figure]:
     """(d) the torchvision DataLoader, in an interpreter that has torchvision."""
-    python = cfg.baseline_python or sys.executable
-    script = Path(__file__).with_name("baseline.py")
-    cmd = [python, str(script), "--data", str(data), "--batch-size", str(cfg.batch_size),
-           "--workers", str(cfg.threads), "--duration", str(cfg.duration),
-           "--size", str(cfg.spec.size[0])]
     fig = Figure("d", f"(d) torchvision DataLoader, {cfg.threads} workers")
+    result, fig.note = _peer(
+        cfg.baseline_python, "baseline.py",
+        ["--data", str(data), "--batch-size", str(cfg.batch_size), "--workers",
+         str(cfg.threads), "--duration", str(cfg.duration), "--size", str(cfg.spec.size[0])],
+        cfg.duration + 300, "install the extra: pip install '.[baseline]' in another venv and "
+        "pass --baseline-python")
+    if result is not None:
+        fig.img_s = result["img_s"]
+        fig.mb_s = fig.img_s * _image_bytes(cfg.spec.replace(dtype="float32",
+                                                             normalize=True)) / 1e6
+        fig.note = f"torch {result['torch']}, torchvision {result['torchvision']}, float32 output"
+        fig.extra = result
+    return [fig]
+
+
+TF_VENV = ("python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install 'tensorflow-cpu==2.21.*'"
+           ", then pass --tf-python /tmp/tfvenv/bin/python")
+
+
+def _tfdata(cfg: BenchConfig, data: Path) -> list[Figure]:
+    """(e0) tf.data in-process and (e) tf.data service, in an interpreter with TensorFlow."""
+    e0 = Figure("e0", f"(e0) tf.data, in-process, {cfg.threads} threads")
+    e = Figure("e", "(e) tf.data service, end to end")
+    result, note = _peer(
+        cfg.tf_python, "tfdata.py",
+        ["--data", str(data), "--batch-size", str(cfg.batch_size), "--threads",
+         str(cfg.threads), "--duration", str(cfg.duration), "--size", str(cfg.spec.size[0])],
+        2 * cfg.duration + 300, TF_VENV)
+    e0.note = e.note = note
+    if result is None:
+        return [e0, e]
+    bytes_per_image = cfg.spec.size[0] * cfg.spec.size[0] * 3  # uint8 out, like ours
+    for fig, how in ((e0, "TF's fast chain (docs/benchmarks.md)"),
+                     (e, "1 dispatcher + 1 worker process, loopback, uncompressed")):
+        fig.img_s = result[fig.key]["img_s"]
+        fig.mb_s = fig.img_s * bytes_per_image / 1e6
+        fig.note = f"TensorFlow {result['tensorflow']}, {how}, uint8"
+        fig.extra = result[fig.key]
+    return [e0, e]
+
+
+def _peer(python: str | None, script: str, args: list[str], timeout: float,
+          install: str) -> tuple[dict | None, str]:
+    """Run a peer's script (beside this module) in `python`; its JSON result, or None and
+    the reason it was not measured."""
+    cmd = [python or sys.executable, str(Path(__file__).with_name(script)), *args]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.duration + 300)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        fig.note = f"not measured: {exc}"
-        return [fig]
+        return None, f"not measured: {exc}"
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        fig.note = f"not measured ({last[:120]}); install the extra: pip install '.[baseline]'" \
-                   " in another venv and pass --baseline-python"
-        return [fig]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    fig.img_s = result["img_s"]
-    fig.mb_s = fig.img_s * _image_bytes(cfg.spec.replace(dtype="float32", normalize=True)) / 1e6
-    fig.note = f"torch {result['torch']}, torchvision {result['torchvision']}, float32 output"
-    fig.extra = result
-    return [fig]
+        return None, f"not measured ({last[:120]}); {install}"
+    return json.loads(out.stdout.strip().splitlines()[-1]), ""
 
 
 def _timed(key: str, label: str, batches: Generator[int, None, None], cfg: BenchConfig,
