@@ -32,9 +32,14 @@ def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict
 def test_bench_smoke(tmp_path: Path) -> None:
     out, result = bench(tmp_path, "--skip", "d", "--skip", "e")
     assert set(result["figures"]) == {"a", "a0", "b", "b'", "b''", "c"}
+    cpus = result["machine"]["cpus"]
     for fig in result["figures"].values():
         assert fig["img_s"] > 0 and fig["mb_s"] > 0 and fig["p50_ms"] <= fig["p99_ms"]
+        # CPU of this process and the servers it started; no more than every core
+        assert fig["extra"]["cpu_s"] <= cpus * fig["extra"]["seconds"] * 1.05
+        assert fig["img_cpu_s"] >= fig["img_s"] / cpus / 1.05
     assert result["ratios"]["b/a"] > 0 and result["ratios"]["a/d"] is None
+    assert "img/CPU-s" in out.stdout
     assert 0 < result["ratios"]["b/c"] < 1  # the pipeline-bound service against the ceiling
     assert "ratio b/a" in out.stdout and "(c) bare gRPC chunk stream" in out.stdout
     reasons = {r.key: r.text for r in plot_rows(result) if r.img_s is None}
@@ -72,6 +77,7 @@ def test_tf_data_and_tf_data_service_rows(tmp_path: Path) -> None:
         assert fig["img_s"] > 0, fig
         assert fig["extra"]["shape"] == [8, 64, 64, 3] and fig["extra"]["dtype"] == "uint8"
         assert fig["note"].startswith("TensorFlow ")
+        assert 0 < fig["extra"]["cpu_s"] and fig["img_cpu_s"] > 0
     assert result["figures"]["e"]["extra"]["dispatcher"].startswith("grpc://")
     assert result["ratios"]["b/e"] > 0
     assert "ratio b/e" in out.stdout

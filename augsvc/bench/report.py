@@ -20,6 +20,7 @@ class Figure:
     mb_s: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    img_cpu_s: float | None = None  # images per CPU-second of every process involved
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -84,12 +85,14 @@ def row(f: Figure) -> str:
         return format(v, fmt) if v is not None else "-"
 
     return (f"{f.label:<40} {num(f.img_s, '>10.1f'):>10} {num(f.mb_s, '>9.1f'):>9} "
-            f"{num(f.p50_ms, '>8.1f'):>8} {num(f.p99_ms, '>8.1f'):>8}  {f.note}")
+            f"{num(f.p50_ms, '>8.1f'):>8} {num(f.p99_ms, '>8.1f'):>8} "
+            f"{num(f.img_cpu_s, '>9.1f'):>9}  {f.note}")
 
 
 def format_table(result: dict) -> str:
     """The human table: one line per figure, then the ratios and their targets."""
-    head = f"{'measurement':<40} {'img/s':>10} {'MB/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    head = (f"{'measurement':<40} {'img/s':>10} {'MB/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'img/CPU-s':>9}")
     lines = [head, "-" * len(head)]
     lines += [row(Figure(**f)) for f in result["figures"].values()]
     lines.append("")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from augsvc.bench.cputime import tree_cpu_seconds
 from augsvc.bench.report import Figure, ratios, row
 from augsvc.core.spec import AugmentSpec
 
@@ -236,6 +237,7 @@ def _tfdata(cfg: BenchConfig, data: Path) -> list[Figure]:
                      (e, "1 dispatcher + 1 worker process, loopback, uncompressed")):
         fig.img_s = result[fig.key]["img_s"]
         fig.mb_s = fig.img_s * bytes_per_image / 1e6
+        fig.img_cpu_s = result[fig.key]["images"] / result[fig.key]["cpu_s"]
         fig.note = f"TensorFlow {result['tensorflow']}, {how}, uint8"
         fig.extra = result[fig.key]
     return [e0, e]
@@ -260,9 +262,10 @@ def _peer(python: str | None, script: str, args: list[str], timeout: float,
 def _timed(key: str, label: str, batches: Generator[int, None, None], cfg: BenchConfig,
            bytes_per_image: int, note: str = "") -> Figure:
     """Consume `batches` (each yields its image count) for cfg.duration s after a warm-up,
-    then close it (its streams stop)."""
+    then close it (its streams stop). CPU: this process and the servers it started."""
     with contextlib.closing(batches):
         next(batches)  # warm-up: pipelines built, streams open
+        cpu = [tree_cpu_seconds()]
         stamps = [time.perf_counter()]
         images = 0
         shown = stamps[0]
@@ -276,15 +279,18 @@ def _timed(key: str, label: str, batches: Generator[int, None, None], cfg: Bench
                 sys.stderr.write(f"\r      {key}: {elapsed:4.1f}/{cfg.duration:.0f} s, "
                                  f"{images / elapsed:8.1f} img/s ")
                 sys.stderr.flush()
+        cpu.append(tree_cpu_seconds())
     if tty:
         sys.stderr.write("\r" + " " * 60 + "\r")
     seconds = stamps[-1] - stamps[0]
     gaps = np.diff(stamps) * 1000.0
     img_s = images / seconds
+    cpu_s = cpu[1] - cpu[0] if None not in cpu else None
     return Figure(key, label, img_s=img_s, mb_s=img_s * bytes_per_image / 1e6,
                   p50_ms=float(np.percentile(gaps, 50)), p99_ms=float(np.percentile(gaps, 99)),
+                  img_cpu_s=images / cpu_s if cpu_s else None,
                   note=note, extra={"images": images, "seconds": seconds,
-                                    "batches": len(gaps)})
+                                    "batches": len(gaps), "cpu_s": cpu_s})
 
 
 # ------------------------------------------------------------------ helpers

@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -68,17 +69,28 @@ def dataset(files: list[str], batch_size: int, threads: int, size: int):
     return ds.with_options(options)
 
 
-def _timed(batches, duration: float) -> dict:
-    """Consume `batches` for `duration` s after one warm-up batch."""
+def _timed(batches, duration: float, server: int | None = None) -> dict:
+    """Consume `batches` for `duration` s after one warm-up batch; CPU seconds of this
+    process and of the `server` process, if any, meanwhile."""
     it = iter(batches)
     first = next(it)
     shape = tuple(int(d) for d in first.shape)
-    images, start = 0, time.perf_counter()
+    cpu0, images, start = _cpu(server), 0, time.perf_counter()
     while time.perf_counter() - start < duration:
         images += int(next(it).shape[0])
-    seconds = time.perf_counter() - start
-    return {"img_s": images / seconds, "images": images, "seconds": seconds,
+    seconds, cpu_s = time.perf_counter() - start, _cpu(server) - cpu0
+    return {"img_s": images / seconds, "images": images, "seconds": seconds, "cpu_s": cpu_s,
             "shape": shape, "dtype": first.dtype.name}
+
+
+def _cpu(pid: int | None) -> float:
+    """User + system seconds of this process, plus those of `pid` (from /proc)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    if pid is None:
+        return own.ru_utime + own.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        ticks = f.read().rsplit(")", 1)[1].split()[11:13]
+    return own.ru_utime + own.ru_stime + sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK")
 
 
 def serve(threads: int) -> int:
@@ -123,7 +135,7 @@ def run(data: Path, batch_size: int, threads: int, duration: float, size: int,
                 tf.data.experimental.service.distribute(
                     processing_mode="parallel_epochs", service=ports["dispatcher"],
                     compression=None))
-            result["e"] = {**_timed(remote, duration), **ports}
+            result["e"] = {**_timed(remote, duration, server.pid), **ports}
         finally:
             server.stdin.close()
             try:
