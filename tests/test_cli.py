@@ -52,12 +52,17 @@ def test_stats_then_preview_with_reference(jpeg_folder: Path, tmp_path: Path) ->
     assert out.returncode == 0, out.stderr
     with Image.open(grid) as im:
         pixels = np.asarray(im.convert("RGB"))
-    # 1 original + 2 draws x (pipeline, numpy) columns of 64 px, 3 rows, 4 px gaps, title
-    assert pixels.shape == (14 + 3 * 68 + 4, 5 * 68 + 4, 3)
-    cell = pixels[18:82, 4 + 68:4 + 68 + 64].astype(int)  # row 0, draw 0 (pipeline)
-    ref = pixels[18:82, 4 + 136:4 + 136 + 64].astype(int)  # row 0, draw 0 (numpy)
+    # 1 original + 2 draws x (pipeline, numpy, difference) columns of max(64, 162) px, 3 rows
+    # of 64 px cells and 6 caption lines of 11 px, 4 px gaps, a title line
+    assert pixels.shape == (14 + 3 * (64 + 66 + 4) + 4, 7 * 166 + 4, 3)
+    x0, y0 = 4 + 166, 18
+    cell = pixels[y0:y0 + 64, x0:x0 + 64].astype(int)  # row 0, draw 0 (pipeline)
+    ref = pixels[y0:y0 + 64, x0 + 166:x0 + 166 + 64].astype(int)  # row 0, draw 0 (numpy)
+    diff = pixels[y0:y0 + 64, x0 + 332:x0 + 332 + 64].astype(int)  # row 0, draw 0 difference
     assert cell.std() > 5  # an image, not a blank
     assert np.abs(cell - ref).mean() < 12  # the oracle draws the same augmentation
+    assert diff.max() > 0 and (diff[..., 0] == diff[..., 1]).all()  # a grey difference map
+    assert "numpy reference and difference" in out.stdout
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, jpeg_folder: Path) -> None:

@@ -141,3 +141,91 @@ def test_crop_window_and_flip_are_exact_gpu(crop: str) -> None:
 @requires_gpu
 def test_colour_matches_reference_gpu() -> None:
     check_colour("gpu")
+
+
+def check_window(device: str, crop: str) -> None:
+    """Pixels outside `params.window` do not reach the output: repainting them changes
+    nothing, and the oracle (which resizes the window alone) matches to DALI's rounding.
+    Small crops are upscaled, so the filter reaches past the crop's edges."""
+    rng = np.random.default_rng(11)
+    shapes = [(97, 131), (33, 45), (120, 90), (27, 29), (75, 200)] * 3
+    spec = AugmentSpec(crop=crop, size=(48, 40), resize=160, scale=(0.02, 0.1), hsv=False,
+                       pca=False, antialias=False, p_hflip=0.0)
+    params = batch_params(spec, shapes, seed=4)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    repainted = []
+    for im, (y0, x0, y1, x1) in zip(images, params.window.tolist(), strict=True):
+        other = 255 - im
+        other[y0:y1, x0:x1] = im[y0:y1, x0:x1]
+        repainted.append(other)
+    pipe = AugmentPipeline(spec, max_batch_size=len(images), device=device)
+    out = pipe.run([encode(im) for im in images], params)
+    np.testing.assert_array_equal(pipe.run([encode(im) for im in repainted], params), out)
+    for i, im in enumerate(images):
+        diff = np.abs(out[i] - ref.crop_resize(im, params.roi[i], spec.size))
+        assert diff.max() <= 0.5 + 1e-3, (i, params.roi[i], params.window[i], diff.max())
+
+
+@pytest.mark.parametrize("crop", ["random_resized_crop", "random_crop", "center_crop"])
+def test_only_the_crop_window_is_decoded_and_resized_cpu(crop: str) -> None:
+    check_window("cpu", crop)
+
+
+@requires_gpu
+@pytest.mark.parametrize("crop", ["random_resized_crop", "center_crop"])
+def test_only_the_crop_window_is_decoded_and_resized_gpu(crop: str) -> None:
+    check_window("gpu", crop)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_window_is_cut_from_the_oriented_image(orientation: int) -> None:
+    """A JPEG with an EXIF orientation: the window is in decoded (rotated) coordinates,
+    as the dataset index's heights and widths are."""
+    from io import BytesIO
+
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(orientation)
+    pixels = np.kron(rng.integers(0, 256, (12, 20, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95, exif=exif)
+    with Image.open(buf) as im:
+        decoded = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    spec = AugmentSpec(crop="random_resized_crop", size=(32, 32), scale=(0.05, 0.2),
+                       hsv=False, pca=False, antialias=False, p_hflip=0.0)
+    params = batch_params(spec, [decoded.shape[:2]] * 8, seed=orientation)
+    encoded = np.frombuffer(buf.getvalue(), np.uint8)
+    out = AugmentPipeline(spec, max_batch_size=8).run([encoded] * 8, params)
+    for i in range(8):
+        diff = np.abs(out[i] - ref.crop_resize(decoded, params.roi[i], spec.size))
+        assert diff.max() <= 1.0, (i, params.window[i], diff.max())
+
+
+@requires_gpu
+def test_jpeg_window_decode_matches_full_decode_gpu() -> None:
+    """nvJPEG / the hardware decoder decoding only the window (mixed `image_slice`) gives
+    the pixels of its own full decode (mixed `decoders.image`), resized like the oracle."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    rng = np.random.default_rng(7)
+    pixels = np.kron(rng.integers(0, 256, (40, 50, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    encoded = encode(pixels, "JPEG", quality=95)
+    spec = AugmentSpec(crop="random_resized_crop", size=(64, 64), scale=(0.05, 0.5),
+                       hsv=False, pca=False, antialias=False, p_hflip=0.0)
+    params = batch_params(spec, [pixels.shape[:2]] * 8, seed=2)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0)
+    def full():
+        data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(data, device="mixed", output_type=types.RGB)
+
+    pipe = full()
+    pipe.build()
+    pipe.feed_input("data", [encoded])
+    decoded = np.array(pipe.run()[0].as_cpu().as_array()[0])
+    out = AugmentPipeline(spec, max_batch_size=8, device="gpu").run([encoded] * 8, params)
+    for i in range(8):
+        diff = np.abs(out[i] - ref.crop_resize(decoded, params.roi[i], spec.size))
+        assert diff.max() <= 1.0, (i, params.window[i], diff.max())

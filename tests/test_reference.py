@@ -83,6 +83,21 @@ def test_crop_resize_of_a_linear_ramp_is_exact() -> None:
                                                     (1, 15)))
 
 
+def test_crop_resize_sees_only_the_whole_pixel_window() -> None:
+    """Samples past the crop's edge clamp at its whole-pixel window, not the image's edge
+    (what a decoder that decodes only the window gives)."""
+    xx = np.tile(np.arange(20, dtype=np.float64), (20, 1))
+    img = np.stack([xx, xx.T, np.zeros_like(xx)], axis=-1)
+    out = ref.crop_resize(img, np.array([2, 3, 6, 7]), (8, 8))  # upscaled 2x
+    np.testing.assert_allclose(out[0, :, 0], np.clip(2.75 + 0.5 * np.arange(8), 3, 6))
+    np.testing.assert_allclose(out[:, 0, 1], np.clip(1.75 + 0.5 * np.arange(8), 2, 5))
+    out = ref.crop_resize(img, np.array([2.5, 3.4, 6.5, 7.2]), (8, 8))  # window [2:7, 3:8]
+    np.testing.assert_allclose(out[0, :, 0], np.clip(3.4 + (np.arange(8) + 0.5) * 0.475 - 0.5,
+                                                     3, 7))
+    np.testing.assert_allclose(out[:, 0, 1], np.clip(2.5 + (np.arange(8) + 0.5) * 0.5 - 0.5,
+                                                     2, 6))
+
+
 @pytest.mark.parametrize(("hf", "vf"), [(False, False), (True, False), (False, True), (True, True)])
 def test_flip(hf: bool, vf: bool) -> None:
     img = np.arange(24).reshape(2, 4, 3)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from augsvc.core.draws import COLOR_PARAMS, draw_params, uniforms
+from augsvc.core.draws import COLOR_PARAMS, decode_windows, draw_params, uniforms
 from augsvc.core.sampling import SUBSTITUTE_ATTEMPTS, EpochPlan, rank_batches, substitutes
 from augsvc.core.spec import AugmentSpec
 
@@ -85,6 +85,28 @@ def test_random_resized_crop_windows_are_valid() -> None:
     assert area.min() >= 0.08 * 0.95 and area.max() <= 1.0
     ratio = cw / ch
     assert ratio.min() >= 0.75 * 0.97 and ratio.max() <= 4 / 3 * 1.03
+
+
+@pytest.mark.parametrize("mode", ["random_resized_crop", "random_crop", "center_crop"])
+def test_decode_windows_are_the_whole_pixel_hull_of_the_crop(mode: str) -> None:
+    spec = AugmentSpec(crop=mode, size=(224, 224), resize=256)
+    h, w = 300, 401
+    params = _params(spec, np.arange(2000), h=h, w=w)
+    roi, win = params.roi.astype(np.float64), params.window
+    assert win.dtype == np.int32
+    np.testing.assert_array_equal(win, decode_windows(params.roi, h, w))
+    assert (win[:, :2] >= 0).all() and (win[:, 2] <= h).all() and (win[:, 3] <= w).all()
+    inside = (win[:, :2] <= roi[:, :2] + 1e-3) & (win[:, 2:] >= roi[:, 2:] - 1e-3)
+    assert inside.all()
+    assert ((win[:, 2:] - win[:, :2]) - (roi[:, 2:] - roi[:, :2]) < 2).all()  # no wider
+    if mode == "random_resized_crop":  # whole-pixel crops: the window is the crop
+        np.testing.assert_array_equal(win, roi)
+
+
+def test_decode_windows_stay_inside_the_image() -> None:
+    roi = np.array([[-1e-4, 2.5, 10.0005, 7.0], [9.9, 9.9, 10.0, 10.0], [3, 3, 3, 3]])
+    np.testing.assert_array_equal(decode_windows(roi, 10, 10),
+                                  [[0, 2, 10, 7], [9, 9, 10, 10], [3, 3, 4, 4]])
 
 
 def test_random_resized_crop_falls_back_to_a_centre_crop() -> None:

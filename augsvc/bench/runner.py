@@ -11,10 +11,13 @@
              size, same streams, same loopback, nothing decoded
 (d) torchvision  a DataLoader with the closest equivalent transforms (`augsvc.bench.baseline`),
              when an interpreter with torchvision is available
+(e) tf.data service  TF's fast chain through one dispatcher + one worker on loopback
+             (`augsvc.bench.tfdata`), when an interpreter with TensorFlow is available
 
 (a0) plain    (a) without the colour kernel: decode + crop + flip only
+(e0) tf.data  the same TF chain in-process: their engine without their wire
 
-Ratios: (a)/(a0), (b)/(a), (b)/(c), (b')/(c), (b'')/(c) and (a)/(d).
+Ratios: `augsvc.bench.report.RATIOS`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from augsvc.bench.report import Figure, row
+from augsvc.bench.cputime import tree_cpu_seconds
+from augsvc.bench.report import Figure, ratios, row
 from augsvc.core.spec import AugmentSpec
 
 if TYPE_CHECKING:
@@ -63,6 +67,7 @@ class BenchConfig:
     workers: int = 1  # server worker processes
     streams: int = 2  # loader streams per server
     baseline_python: str | None = None  # interpreter with torchvision; None: this one if able
+    tf_python: str | None = None  # interpreter with TensorFlow; None: this one if able
     skip: tuple[str, ...] = ()  # measurement keys to leave out
 
 
@@ -71,7 +76,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     with tempfile.TemporaryDirectory(prefix="augsvc-bench-") as tmp:
         data = cfg.dataset or _generate(Path(tmp) / "images", cfg.images, cfg.epoch_images, log)
         figures: dict[str, Figure] = {}
-        steps = [("a", _engine), ("b", _service), ("c", _bare), ("d", _torchvision)]
+        steps = [("a", _engine), ("b", _service), ("c", _bare), ("d", _torchvision),
+                 ("e", _tfdata)]
         for i, (key, fn) in enumerate(steps, 1):
             if key in cfg.skip:
                 continue
@@ -83,24 +89,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "config": {**asdict(cfg), "spec": cfg.spec.to_dict(), "dataset": str(data)},
         "machine": _machine(),
         "figures": {k: asdict(f) for k, f in figures.items()},
-        "ratios": _ratios(figures),
+        "ratios": ratios(figures),
     }
-
-
-def _ratios(f: dict[str, Figure]) -> dict[str, float | None]:
-    def ratio(a: str, b: str) -> float | None:
-        if a in f and b in f and f[a].img_s and f[b].img_s:
-            return f[a].img_s / f[b].img_s
-        return None
-
-    def mb_ratio(a: str, b: str) -> float | None:
-        if a in f and b in f and f[a].mb_s and f[b].mb_s:
-            return f[a].mb_s / f[b].mb_s
-        return None
-
-    return {"a/a0": ratio("a", "a0"), "b/a": ratio("b", "a"), "b/c": mb_ratio("b", "c"),
-            "b'/c": mb_ratio("b'", "c"),
-            "b''/c": mb_ratio("b''", "c"), "a/d": ratio("a", "d")}
 
 
 # ------------------------------------------------------------------ measurements
@@ -153,6 +143,11 @@ def _service(cfg: BenchConfig, data: Path) -> list[Figure]:
             live = (len(images) for images, _ in loader.epochs())
             b = _timed("b", "(b) service, end to end", live, cfg, _image_bytes(cfg.spec))
             epochs_done = loader.epoch  # the epoch in progress may be partial: skip it
+            note = f"replays epoch(s) 0..{max(epochs_done, 1) - 1} from the server's batch cache"
+            if epochs_done == 0:  # a slow machine: finish epoch 0 (untimed) so all is cached
+                loader.set_epoch(0)
+                filled = sum(1 for _ in loader.epochs(1))
+                note += f"; (b) finished no epoch: epoch 0 ({filled} batches) completed untimed"
 
             def replay() -> Generator[int, None, None]:
                 while True:  # one pass over the cached epochs, read-ahead across them
@@ -160,9 +155,6 @@ def _service(cfg: BenchConfig, data: Path) -> list[Figure]:
                     for images, _ in loader.epochs(max(epochs_done, 1)):
                         yield len(images)
 
-            note = f"replays epoch(s) 0..{max(epochs_done, 1) - 1} from the server's batch cache"
-            if epochs_done == 0:
-                note = "(b) finished no full epoch: replay mixes cached and fresh batches"
             wire = _timed("b'", "(b') loader, cached batches", replay(), cfg,
                           _image_bytes(cfg.spec), note=note)
         frames = _timed("b''", "(b'') wire, cached frames, no assembly",
@@ -208,36 +200,72 @@ def _bare(cfg: BenchConfig, data: Path) -> list[Figure]:
 
 def _torchvision(cfg: BenchConfig, data: Path) -> list[Figure]:
     """(d) the torchvision DataLoader, in an interpreter that has torchvision."""
-    python = cfg.baseline_python or sys.executable
-    script = Path(__file__).with_name("baseline.py")
-    cmd = [python, str(script), "--data", str(data), "--batch-size", str(cfg.batch_size),
-           "--workers", str(cfg.threads), "--duration", str(cfg.duration),
-           "--size", str(cfg.spec.size[0])]
     fig = Figure("d", f"(d) torchvision DataLoader, {cfg.threads} workers")
+    result, fig.note = _peer(
+        cfg.baseline_python, "baseline.py",
+        ["--data", str(data), "--batch-size", str(cfg.batch_size), "--workers",
+         str(cfg.threads), "--duration", str(cfg.duration), "--size", str(cfg.spec.size[0])],
+        cfg.duration + 300, "install the extra: pip install '.[baseline]' in another venv and "
+        "pass --baseline-python")
+    if result is not None:
+        fig.img_s = result["img_s"]
+        fig.mb_s = fig.img_s * _image_bytes(cfg.spec.replace(dtype="float32",
+                                                             normalize=True)) / 1e6
+        fig.note = f"torch {result['torch']}, torchvision {result['torchvision']}, float32 output"
+        fig.extra = result
+    return [fig]
+
+
+TF_VENV = ("python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install 'tensorflow-cpu==2.21.*'"
+           ", then pass --tf-python /tmp/tfvenv/bin/python")
+
+
+def _tfdata(cfg: BenchConfig, data: Path) -> list[Figure]:
+    """(e0) tf.data in-process and (e) tf.data service, in an interpreter with TensorFlow."""
+    e0 = Figure("e0", f"(e0) tf.data, in-process, {cfg.threads} threads")
+    e = Figure("e", "(e) tf.data service, end to end")
+    result, note = _peer(
+        cfg.tf_python, "tfdata.py",
+        ["--data", str(data), "--batch-size", str(cfg.batch_size), "--threads",
+         str(cfg.threads), "--duration", str(cfg.duration), "--size", str(cfg.spec.size[0])],
+        2 * cfg.duration + 300, TF_VENV)
+    e0.note = e.note = note
+    if result is None:
+        return [e0, e]
+    bytes_per_image = cfg.spec.size[0] * cfg.spec.size[0] * 3  # uint8 out, like ours
+    for fig, how in ((e0, "TF's fast chain (docs/benchmarks.md)"),
+                     (e, "1 dispatcher + 1 worker process, loopback, uncompressed")):
+        fig.img_s = result[fig.key]["img_s"]
+        fig.mb_s = fig.img_s * bytes_per_image / 1e6
+        fig.img_cpu_s = result[fig.key]["images"] / result[fig.key]["cpu_s"]
+        fig.note = f"TensorFlow {result['tensorflow']}, {how}, uint8"
+        fig.extra = result[fig.key]
+    return [e0, e]
+
+
+def _peer(python: str | None, script: str, args: list[str], timeout: float,
+          install: str) -> tuple[dict | None, str]:
+    """Run a peer's script (beside this module) in `python`; its JSON result, or None and
+    the reason it was not measured."""
+    cmd = [python or sys.executable, str(Path(__file__).with_name(script)), *args]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.duration + 300)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        fig.note = f"not measured: {exc}"
-        return [fig]
+        return None, f"not measured: {exc}"
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        fig.note = f"not measured ({last[:120]}); install the extra: pip install '.[baseline]'" \
-                   " in another venv and pass --baseline-python"
-        return [fig]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    fig.img_s = result["img_s"]
-    fig.mb_s = fig.img_s * _image_bytes(cfg.spec.replace(dtype="float32", normalize=True)) / 1e6
-    fig.note = f"torch {result['torch']}, torchvision {result['torchvision']}, float32 output"
-    fig.extra = result
-    return [fig]
+        return None, f"not measured ({last[:120]}); {install}"
+    return json.loads(out.stdout.strip().splitlines()[-1]), ""
 
 
 def _timed(key: str, label: str, batches: Generator[int, None, None], cfg: BenchConfig,
            bytes_per_image: int, note: str = "") -> Figure:
     """Consume `batches` (each yields its image count) for cfg.duration s after a warm-up,
-    then close it (its streams stop)."""
+    then close it (its streams stop). CPU: this process and the servers it started."""
     with contextlib.closing(batches):
         next(batches)  # warm-up: pipelines built, streams open
+        cpu = [tree_cpu_seconds()]
         stamps = [time.perf_counter()]
         images = 0
         shown = stamps[0]
@@ -251,15 +279,18 @@ def _timed(key: str, label: str, batches: Generator[int, None, None], cfg: Bench
                 sys.stderr.write(f"\r      {key}: {elapsed:4.1f}/{cfg.duration:.0f} s, "
                                  f"{images / elapsed:8.1f} img/s ")
                 sys.stderr.flush()
+        cpu.append(tree_cpu_seconds())
     if tty:
         sys.stderr.write("\r" + " " * 60 + "\r")
     seconds = stamps[-1] - stamps[0]
     gaps = np.diff(stamps) * 1000.0
     img_s = images / seconds
+    cpu_s = cpu[1] - cpu[0] if None not in cpu else None
     return Figure(key, label, img_s=img_s, mb_s=img_s * bytes_per_image / 1e6,
                   p50_ms=float(np.percentile(gaps, 50)), p99_ms=float(np.percentile(gaps, 99)),
+                  img_cpu_s=images / cpu_s if cpu_s else None,
                   note=note, extra={"images": images, "seconds": seconds,
-                                    "batches": len(gaps)})
+                                    "batches": len(gaps), "cpu_s": cpu_s})
 
 
 # ------------------------------------------------------------------ helpers

@@ -1,4 +1,4 @@
-"""`augsvc bench`: engine, service, wire, bare transport and torchvision, side by side."""
+"""`augsvc bench`: engine, service, wire, bare transport, torchvision and tf.data, side by side."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 from augsvc.cli._common import add_device_option, add_spec_options, spec_from_args
 
-MEASUREMENTS = ("a", "b", "c", "d")
+MEASUREMENTS = ("a", "b", "c", "d", "e")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `bench` parser."""
     p = sub.add_parser(
         "bench",
-        help="measure throughput: engine, service, wire, bare gRPC and torchvision",
+        help="measure throughput: engine, service, wire, bare gRPC, torchvision, tf.data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure, in one run on the same images:\n"
         "  (a)  the in-process engine (read + parameters + DALI), no network\n"
@@ -29,8 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  (c)  a bare gRPC stream of raw chunks of the same batch size (transport ceiling)\n"
         "  (d)  torchvision's DataLoader with RandomResizedCrop, RandomHorizontalFlip,\n"
         "       ColorJitter and Normalize, as many worker processes as --threads\n"
+        "  (e)  tf.data service on loopback (one dispatcher + one worker process) with\n"
+        "       TF's fast chain: decode_and_crop_jpeg of a sampled crop, resize, flip,\n"
+        "       random hue/saturation/brightness (docs/benchmarks.md lists the differences)\n"
         "  (a0) the engine without the colour kernel (decode + crop + flip)\n"
-        "and print the ratios (a)/(a0), (b)/(a), (b)/(c), (b')/(c), (b'')/(c) and (a)/(d).",
+        "  (e0) the same tf.data chain in-process\n"
+        "and print the ratios (a)/(a0), (b)/(a), (b)/(c), (b')/(c), (b'')/(c), (a)/(d),\n"
+        "(b)/(e) and (a)/(e0), each with its target.",
     )
     p.add_argument("--dataset", type=Path, default=None, metavar="PATH",
                    help="image folder or manifest to use (default: crops of real photographs, "
@@ -56,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-python", metavar="PYTHON",
                    help="interpreter with torch + torchvision for (d) (default: this one; "
                    "(d) is skipped with a note when it lacks torchvision)")
+    p.add_argument("--tf-python", metavar="PYTHON",
+                   help="interpreter with TensorFlow for (e0)/(e) (default: this one; they are "
+                   "skipped with a note when it lacks TensorFlow). One line makes one: "
+                   "python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install "
+                   "'tensorflow-cpu==2.21.*'")
     p.add_argument("--skip", action="append", default=[], choices=MEASUREMENTS,
                    help="leave a measurement out (repeatable)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
@@ -89,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size, duration=args.duration, threads=args.threads,
         workers=args.workers, streams=args.streams, baseline_python=args.baseline_python,
-        skip=tuple(args.skip),
+        tf_python=args.tf_python, skip=tuple(args.skip),
     )
     result = bench.run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(bench.format_table(result))

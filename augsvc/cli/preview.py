@@ -1,4 +1,4 @@
-"""`augsvc preview`: a PNG grid of originals beside augmented draws."""
+"""`augsvc preview`: a PNG grid of originals beside augmented draws, each labelled."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "preview",
         help="render a PNG grid of originals and augmented draws",
-        description="Render a PNG grid: one row per image of the dataset, the original first, "
-        "then one column per augmented draw (draw d = epoch d, reproducible from --seed). "
-        "With --reference each draw is also rendered by the float64 numpy oracle from the "
-        "same parameters (bilinear, no antialiasing), beside the pipeline's output.",
+        description="Render a PNG grid: one row per image of the dataset, the original first "
+        "(captioned with its file and class), then one column per augmented draw (draw d = "
+        "epoch d, reproducible from --seed), captioned with its parameters: crop window, "
+        "flips, hue shift, S and V power/scale/shift, PCA alpha. With --reference each draw "
+        "is also rendered by the float64 numpy oracle from the same parameters (bilinear, "
+        "no antialiasing), followed by the per-pixel difference from the pipeline's output "
+        "(amplified 8x) and its maximum.",
     )
     p.add_argument("path", type=Path, help="image folder (root/<class>/<image>) or CSV manifest")
     p.add_argument("--out", type=Path, default=Path("preview.png"),
@@ -28,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed for picking images and drawing parameters (default: 0)")
     p.add_argument("--reference", action="store_true",
-                   help="add the numpy oracle's rendering beside each draw")
+                   help="add the numpy oracle's rendering and its difference beside each draw")
     add_device_option(p)
     add_spec_options(p)
     p.set_defaults(run=run)
@@ -54,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
     print(f"wrote {args.out} ({grid.width}x{grid.height}, {args.images} images x "
-          f"{args.draws} draws{' + numpy reference' if args.reference else ''})")
+          f"{args.draws} draws{' + numpy reference and difference' if args.reference else ''})")
     return 0

@@ -15,7 +15,7 @@ import numpy as np
 
 from augsvc.core.spec import AugmentSpec
 
-__all__ = ["COLOR_PARAMS", "BatchParams", "draw_params", "uniforms"]
+__all__ = ["COLOR_PARAMS", "BatchParams", "decode_windows", "draw_params", "uniforms"]
 
 COLOR_PARAMS = (
     "hue_shift", "sat_pow", "sat_scale", "sat_shift", "val_pow", "val_scale", "val_shift",
@@ -52,6 +52,7 @@ class BatchParams:
     """Per-sample parameters of one batch; every field has the batch as its first axis."""
 
     roi: np.ndarray  # (B, 4) float32: y0, x0, y1, x1 in source pixels
+    window: np.ndarray  # (B, 4) int32: the pixels decoded, `decode_windows(roi, h, w)`
     flip_h: np.ndarray  # (B,) bool
     flip_v: np.ndarray  # (B,) bool
     hue_shift: np.ndarray  # (B,) float32, the rest of the colour vector likewise
@@ -119,8 +120,10 @@ def draw_params(
         alpha = spec.pca_sigma * radius * np.cos(2.0 * np.pi * g[:, 3:])
         offset = (alpha * eigvals[None, :]) @ eigvecs.T * 255.0
 
+    roi = roi.astype(np.float32)
     return BatchParams(
-        roi=roi.astype(np.float32),
+        roi=roi,
+        window=decode_windows(roi, h, w),
         flip_h=u_flip[:, 0] < spec.p_hflip,
         flip_v=u_flip[:, 1] < spec.p_vflip,
         hue_shift=pick(1, spec.hue_shift, 0.0),
@@ -133,6 +136,20 @@ def draw_params(
         pca_alpha=alpha.astype(np.float32),
         rgb_offset=offset.astype(np.float32),
     )
+
+
+def decode_windows(roi: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """(B, 4) int32 y0, x0, y1, x1: the smallest whole-pixel window holding each `roi` row,
+    inside its image (and at least one pixel). Only these pixels are decoded and resized:
+    the resize filter sees nothing outside them and clamps at the window's edges."""
+    r = np.asarray(roi, dtype=np.float64).reshape(-1, 4)
+    h = np.broadcast_to(np.asarray(heights, dtype=np.int64), (len(r),))
+    w = np.broadcast_to(np.asarray(widths, dtype=np.int64), (len(r),))
+    y0 = np.clip(np.floor(r[:, 0]).astype(np.int64), 0, h - 1)
+    x0 = np.clip(np.floor(r[:, 1]).astype(np.int64), 0, w - 1)
+    y1 = np.clip(np.ceil(r[:, 2]).astype(np.int64), y0 + 1, h)
+    x1 = np.clip(np.ceil(r[:, 3]).astype(np.int64), x0 + 1, w)
+    return np.column_stack([y0, x0, y1, x1]).astype(np.int32)
 
 
 def _crop_windows(spec: AugmentSpec, u: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:

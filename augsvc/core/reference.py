@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from augsvc.core.draws import COLOR_PARAMS, BatchParams
+from augsvc.core.draws import COLOR_PARAMS, BatchParams, decode_windows
 
 __all__ = [
     "apply",
@@ -85,12 +85,16 @@ def crop_resize(
 ) -> np.ndarray:
     """Bilinear resize of the window `roi` = (y0, x0, y1, x1) (source pixels) to `size` (h, w).
 
-    Pixel centres are aligned (sample at y0 + (i + 0.5) * (y1 - y0) / h - 0.5), edges
-    clamped; no antialiasing, so this equals DALI's `linear` resize wherever the
-    window is not downscaled by more than 2x.
+    Like the pipeline, only the whole-pixel window around `roi` (`draws.decode_windows`)
+    is read: samples at y0 + (i + 0.5) * (y1 - y0) / h - 0.5 (pixel centres aligned) are
+    clamped at that window's edges, not the image's. No antialiasing, so this equals
+    DALI's `linear` resize wherever the window is not downscaled by more than 2x.
     """
     img = np.asarray(image, dtype=np.float64)
-    y0, x0, y1, x1 = (float(v) for v in roi)
+    wy0, wx0, wy1, wx1 = decode_windows(roi, img.shape[0], img.shape[1])[0].tolist()
+    img = img[wy0:wy1, wx0:wx1]
+    y0, x0, y1, x1 = (float(v) for v in np.asarray(roi, dtype=np.float64).reshape(4))
+    y0, y1, x0, x1 = y0 - wy0, y1 - wy0, x0 - wx0, x1 - wx0
     out_h, out_w = size
     ys = y0 + (np.arange(out_h) + 0.5) * (y1 - y0) / out_h - 0.5
     xs = x0 + (np.arange(out_w) + 0.5) * (x1 - x0) / out_w - 0.5

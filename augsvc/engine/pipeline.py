@@ -1,10 +1,12 @@
 """The DALI pipeline: encoded images and parameter arrays in, one contiguous batch out.
 
-Graph (one per spec and device): decode (CPU, or `mixed` with nvJPEG / the hardware
-decoder on GPU) -> `fn.resize` of the host-computed window (crop and resize in one
-operator) -> the exact colour kernel (`augsvc.engine.kernels`) -> `fn.flip` -> optional
-`fn.crop_mirror_normalize` for normalisation, layout and dtype. Flipping after the
-colour kernel equals DESIGN's crop -> flip -> colour order, since colour is per pixel.
+Graph (one per spec and device): `fn.decoders.image_slice` decodes only the crop's
+whole-pixel window (`BatchParams.window`; CPU, or `mixed` with nvJPEG / the hardware
+decoder on GPU) -> `fn.resize` of the crop (`BatchParams.roi`, relative to that
+window; the filter clamps at the window's edges) -> the exact colour kernel
+(`augsvc.engine.kernels`) -> `fn.flip` -> optional `fn.crop_mirror_normalize` for
+normalisation, layout and dtype. Flipping after the colour kernel equals DESIGN's
+crop -> flip -> colour order, since colour is per pixel.
 
 Every random value comes from `augsvc.core.draws` as one array per parameter per batch,
 fed through `fn.external_source`; DALI's own random operators are never used.
@@ -82,12 +84,15 @@ class AugmentPipeline:
         )
         def graph():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            window_start = fn.external_source(name="window_start", dtype=types.INT32, ndim=1)
+            window_shape = fn.external_source(name="window_shape", dtype=types.INT32, ndim=1)
             roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
             roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
             flip_h = fn.external_source(name="flip_h", dtype=types.INT32, ndim=0)
             flip_v = fn.external_source(name="flip_v", dtype=types.INT32, ndim=0)
-            images = fn.decoders.image(
-                encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
+            images = fn.decoders.image_slice(
+                encoded, window_start, window_shape, axis_names="HW",
+                device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
             )
             images = fn.resize(
                 images,
@@ -132,8 +137,8 @@ class AugmentPipeline:
             raise ValueError(f"batch of {n} images; this pipeline takes 1..{self.max_batch_size}")
         pipe = self._pipe
         pipe.feed_input("encoded", list(encoded))
-        pipe.feed_input("roi_start", np.ascontiguousarray(params.roi[:, :2]))
-        pipe.feed_input("roi_end", np.ascontiguousarray(params.roi[:, 2:]))
+        for name, value in _window_inputs(params).items():
+            pipe.feed_input(name, value)
         pipe.feed_input("flip_h", params.flip_h.astype(np.int32))
         pipe.feed_input("flip_v", params.flip_v.astype(np.int32))
         if self.spec.colour:
@@ -145,3 +150,14 @@ class AugmentPipeline:
         if self.device == "gpu":
             out = out.as_cpu()
         return np.array(out.as_tensor(), copy=True, order="C")
+
+
+def _window_inputs(params: BatchParams) -> dict[str, np.ndarray]:
+    """The decode window (integer start and shape) and the crop relative to it."""
+    window = params.window
+    start = np.ascontiguousarray(window[:, :2])
+    crop = params.roi - np.tile(start, 2).astype(np.float32)  # exact: whole-pixel offsets
+    return {"window_start": start,
+            "window_shape": np.ascontiguousarray(window[:, 2:] - start),
+            "roi_start": np.ascontiguousarray(crop[:, :2]),
+            "roi_end": np.ascontiguousarray(crop[:, 2:])}
