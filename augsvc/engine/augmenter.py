@@ -3,7 +3,9 @@
 `Augmenter.run(seed, epoch, sample_ids, draw_ids)` reads the files (thread pool),
 draws the batch's parameters (`augsvc.core.sampling`), runs the pipeline and returns an
 `AugmentedBatch`. The server and the in-process benchmark both use it, so what a
-trainer receives over the wire is exactly what this returns.
+trainer receives over the wire is exactly what this returns. `start` and `finish` are
+the two halves of `run`: several batches may be started before the first is finished
+(finished in the order started), so files are read and results encoded while DALI runs.
 
 Corrupt-image policy (see `augsvc.engine.dataset`): a sample whose bytes fail
 `check_encoded`, or that DALI cannot decode, is DROPPED from its batch and listed in
@@ -16,9 +18,10 @@ an error, so such an image is decoded with artefacts, as every JPEG decoder woul
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,7 +32,7 @@ from augsvc.core.types import DroppedSample
 from augsvc.engine.dataset import DatasetIndex, check_encoded
 from augsvc.engine.pipeline import AugmentPipeline, PipelineError
 
-__all__ = ["AugmentedBatch", "Augmenter", "DroppedSample"]
+__all__ = ["AugmentedBatch", "Augmenter", "DroppedSample", "StartedBatch"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,19 @@ class AugmentedBatch:
     sample_ids: np.ndarray
     draw_ids: np.ndarray
     dropped: tuple[DroppedSample, ...] = ()
+
+
+@dataclass(eq=False)
+class StartedBatch:
+    """A batch `Augmenter.start` read and handed to DALI; `Augmenter.finish` completes it."""
+
+    ids: np.ndarray  # every sample of the batch
+    draws: np.ndarray
+    keep: np.ndarray  # bool per sample: read and screened fine
+    data: list[np.ndarray]  # encoded bytes of the kept samples
+    dropped: list[DroppedSample]  # unreadable or failing the byte screen
+    params: BatchParams | None  # None: nothing left to augment
+    result: np.ndarray | PipelineError | None = field(default=None, repr=False)
 
 
 class Augmenter:
@@ -71,6 +87,7 @@ class Augmenter:
             std=stats.std,
         )
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="augsvc-read")
+        self._in_flight: deque[StartedBatch] = deque()  # submitted, result not collected
 
     def close(self) -> None:
         """Stop the file-reading threads."""
@@ -95,6 +112,12 @@ class Augmenter:
         self, seed: int, epoch: int, sample_ids: Sequence[int], draw_ids: Sequence[int]
     ) -> AugmentedBatch:
         """Read, augment and return these samples (corrupt ones dropped and reported)."""
+        return self.finish(self.start(seed, epoch, sample_ids, draw_ids))
+
+    def start(
+        self, seed: int, epoch: int, sample_ids: Sequence[int], draw_ids: Sequence[int]
+    ) -> StartedBatch:
+        """Read these samples and submit them to the pipeline; `finish` returns the result."""
         ids = np.asarray(sample_ids, dtype=np.int64)
         draws = np.asarray(draw_ids, dtype=np.int64)
         encoded = list(self._io.map(self._read, ids.tolist()))
@@ -104,7 +127,17 @@ class Augmenter:
         ]
         keep = np.array([reason is None for _, reason in encoded], dtype=bool)
         data = [d for d, reason in encoded if reason is None]
-        images, failed = self._augment(seed, epoch, ids[keep], draws[keep], data)
+        params = self.params(seed, epoch, ids[keep], draws[keep]) if data else None
+        started = StartedBatch(ids, draws, keep, data, dropped, params)
+        if params is not None:
+            self.pipeline.submit(data, params)
+            self._in_flight.append(started)
+        return started
+
+    def finish(self, started: StartedBatch) -> AugmentedBatch:
+        """The augmented batch `start` began (batches finish in the order they started)."""
+        ids, draws, keep, dropped = started.ids, started.draws, started.keep, started.dropped
+        images, failed = self._result(started)
         if failed:
             kept_ids = ids[keep]
             dropped += [DroppedSample(int(kept_ids[j]), self.index.paths[kept_ids[j]], why)
@@ -128,22 +161,28 @@ class Augmenter:
             return np.empty(0, np.uint8), f"unreadable: {exc}"
         return np.frombuffer(raw, dtype=np.uint8), check_encoded(raw)
 
-    def _augment(
-        self,
-        seed: int,
-        epoch: int,
-        ids: np.ndarray,
-        draws: np.ndarray,
-        data: list[np.ndarray],
-    ) -> tuple[np.ndarray, dict[int, str]]:
-        """Run the pipeline; if DALI rejects the batch, find the bad samples one by one."""
-        if not data:
+    def _collect_until(self, started: StartedBatch | None) -> None:
+        """Collect the pipeline's results in order up to `started` (None: all in flight)."""
+        while self._in_flight and (started is None or started.result is None):
+            head = self._in_flight.popleft()
+            try:
+                head.result = self.pipeline.collect()
+            except PipelineError as exc:
+                head.result = exc
+
+    def _result(self, started: StartedBatch) -> tuple[np.ndarray, dict[int, str]]:
+        """The batch's images; if DALI rejected it, find the bad samples one by one."""
+        if started.params is None:
             return self._empty(), {}
-        params = self.params(seed, epoch, ids, draws)
-        try:
-            return self.pipeline.run(data, params), {}
-        except PipelineError:
-            log.info("batch failed in DALI; retrying its %d samples one by one", len(data))
+        self._collect_until(started)
+        result, started.result = started.result, None
+        if result is None:
+            raise RuntimeError("finish() of a batch that was finished already")
+        if not isinstance(result, PipelineError):
+            return result, {}
+        log.info("batch failed in DALI; retrying its %d samples one by one", len(started.data))
+        self._collect_until(None)  # the retries run alone: nothing else in flight
+        data, params = started.data, started.params
         failed: dict[int, str] = {}
         for j in range(len(data)):
             try:

@@ -20,7 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from augsvc import wire
+from augsvc.server.admission import Admission, AdmissionInterceptor
 from augsvc.server.auth import TokenInterceptor
+from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
 from augsvc.server.pipelines import PipelinePool
@@ -31,7 +33,7 @@ __all__ = ["AugmentServer", "start_server"]
 log = logging.getLogger("augsvc.server")
 
 # Threads beyond --max-streams for unary calls, health checks, reflection and the
-# immediate rejection of streams over the limit.
+# refusal of streams over the limit: admitted streams never take them.
 SPARE_THREADS = 16
 
 
@@ -64,17 +66,24 @@ class AugmentServer:
     ) -> None:
         self.config = config.validate()
         self.catalog = catalog if catalog is not None else load_catalog(config.datasets)
+        cache = BatchCache(config.batch_cache_mb << 20)
+        max_memory = config.resolved_max_memory()
         self.pool = PipelinePool(
             device=config.resolved_device(),
             device_id=config.device_id,
             dali_threads=config.resolved_dali_threads(),
             io_threads=config.io_threads,
             max_idle=config.pipeline_cache,
+            max_memory=max_memory,
+            depth=config.prefetch,
+            cache=cache,
+            max_batch_size=config.max_batch_size,
         )
-        self.servicer = AugmentServicer(self.catalog, self.pool, max_streams=config.max_streams,
-                                        max_batch_size=config.max_batch_size,
-                                        prefetch=config.prefetch,
-                                        cache_bytes=config.batch_cache_mb << 20)
+        self.admission = Admission(config.max_streams)
+        self.servicer = AugmentServicer(self.catalog, self.pool, self.admission,
+                                        max_batch_size=config.max_batch_size, cache=cache,
+                                        stall_timeout=config.stall_timeout)
+        log.debug("memory for prefetched batches: %.0f MiB (--max-memory)", max_memory / 2**20)
         self._executors = (
             futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),
             futures.ThreadPoolExecutor(max_workers=config.max_streams + SPARE_THREADS,
@@ -83,7 +92,9 @@ class AugmentServer:
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
         options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0)]
-        interceptors = [TokenInterceptor(config.token)] if config.token else []
+        interceptors: list[grpc.ServerInterceptor] = (
+            [TokenInterceptor(config.token)] if config.token else [])
+        interceptors.append(AdmissionInterceptor(self.admission, wire.STREAM_BATCHES_METHOD))
         self._server = grpc.server(
             self._executors[1],
             options=options,
@@ -139,7 +150,6 @@ class AugmentServer:
                 log.warning("grace period over: cancelling %d running stream(s)", left)
             self._server.stop(0).wait()
             self.servicer.join_streams(timeout=max(grace, 5.0))
-            self.pool.close()
             for executor in self._executors:
                 executor.shutdown(wait=False)
         finally:

@@ -16,7 +16,9 @@ Parent (`Supervisor.run`):
 
 Worker: ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 parent is in charge), gets SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`),
-runs an `AugmentServer` on the shared port with its own DALI pipelines.
+is pinned to its GPU with `--gpus` (`augsvc.server.gpus`), runs an `AugmentServer` on
+the shared port with its own DALI pipelines. DALI is imported, and CUDA touched, only
+in workers: the parent never loads them (CUDA does not survive a fork).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 
 from augsvc.server.app import AugmentServer
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
+from augsvc.server.gpus import pin_to_gpu, worker_gpu
 
 __all__ = ["Supervisor", "reserve_port", "serve"]
 
@@ -90,7 +93,8 @@ class Supervisor:
     """The parent process of `serve` (module docstring)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        self.config = config
+        # one memory budget for every worker, measured before any of them allocates
+        self.config = replace(config, max_memory=config.resolved_max_memory())
         self.device = config.resolved_device()
         self._ctx = multiprocessing.get_context("fork")
         self._workers: list[_Worker] = []
@@ -111,7 +115,7 @@ class Supervisor:
 
     def _supervise(self, catalog: Catalog, sock: socket.socket, port: int) -> int:
         config = self.config
-        for slot in range(config.workers):
+        for slot in range(config.processes):
             self._spawn(slot, catalog, sock, port)
         serving = False
         stopping = 0  # signals received
@@ -151,7 +155,7 @@ class Supervisor:
                 serving = True
                 print(f"augsvc: serving {len(catalog)} dataset(s) on "
                       f"{address(config.host, port)} (device={self.device}, "
-                      f"workers={config.workers})", flush=True)
+                      f"workers={config.processes})", flush=True)
             if (stopping or not serving) and time.monotonic() > deadline:
                 what = "stop" if stopping else "start"
                 log.error("workers did not %s in time; killing them", what)
@@ -222,7 +226,7 @@ class Supervisor:
         recv, send = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_worker_main, name=f"augsvc-worker-{slot}",
-            args=(self.config, catalog, port, send, sock, os.getpid()),
+            args=(self.config, slot, catalog, port, send, sock, os.getpid()),
         )
         sys.stdout.flush()
         sys.stderr.flush()
@@ -263,14 +267,20 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(config: ServerConfig, catalog: Catalog, port: int, conn: Connection,
-                 reservation: socket.socket, parent: int) -> None:
+def _worker_main(config: ServerConfig, slot: int, catalog: Catalog, port: int,
+                 conn: Connection, reservation: socket.socket, parent: int) -> None:
     """A worker process: serve on the shared port until SIGTERM, then drain and exit."""
     reservation.close()  # the parent holds the port
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent)
     code = 0
     try:
+        gpu = worker_gpu(slot, config.workers, config.gpus)
+        if gpu is not None:  # before DALI or CUDA start
+            visible = pin_to_gpu(gpu)
+            config = replace(config, device_id=0)
+            log.info("worker %d (pid %d) runs on GPU %d (CUDA_VISIBLE_DEVICES=%s)", slot,
+                     os.getpid(), gpu, visible)
         server = _start_worker_server(config, catalog, port, conn)
         if server is None:
             code = 1
