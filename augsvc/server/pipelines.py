@@ -56,11 +56,13 @@ class PipelinePool:
         cap = min(1 << (batch_size - 1).bit_length(), max(batch_size, self.max_batch_size))
         return (entry.name, spec, self.device, cap)
 
-    def attach(self, job: Job, todo: list[int]) -> StreamWork:
-        """A stream's queue, fed by the shared pipeline of its key (built if needed)."""
+    def attach(self, job: Job, todo: list[int], client: str = "") -> StreamWork:
+        """A stream's queue, fed by the shared pipeline of its key (built if needed);
+        `client` (the peer) is who the scheduler is fair to."""
         request = job.request
         key = self.key(job.entry, request.spec, request.batch_size)
-        work = StreamWork(job, todo, depth=self.depth, lock=self.lock, budget=self.budget)
+        work = StreamWork(job, todo, client=client, depth=self.depth, lock=self.lock,
+                          budget=self.budget)
         with self.lock:
             if self._closed:
                 raise RuntimeError("the server is stopping")

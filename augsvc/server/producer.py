@@ -55,16 +55,17 @@ class Job:
 
 
 class StreamWork:
-    """One stream's batches between the scheduler (`todo` -> `ready`) and its handler.
+    """One stream's batches between the scheduler (`todo` -> `ready`) and its handler;
+    `client` names who asked (the peer: one connection), for the scheduler's fairness.
 
     Every method that changes state takes the worker's scheduling lock (`lock`, shared
     with the schedulers and the budget); the scheduler-side ones (`_` prefixed, called by
     `Scheduler`) expect the caller to hold it.
     """
 
-    def __init__(self, job: Job, todo: list[int], *, depth: int, lock: threading.Lock,
-                 budget: MemoryBudget) -> None:
-        self.job, self.depth, self.estimate = job, depth, job.batch_bytes()
+    def __init__(self, job: Job, todo: list[int], *, client: str, depth: int,
+                 lock: threading.Lock, budget: MemoryBudget) -> None:
+        self.job, self.client, self.depth, self.estimate = job, client, depth, job.batch_bytes()
         self.todo = deque(todo)  # batches still to start, in the order they are sent
         self.ready: deque[tuple[int, tuple[bytes, ...], int]] = deque()  # (k, frames, bytes)
         self.ahead = 0  # batches started or ready, not yet taken by the handler

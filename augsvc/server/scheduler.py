@@ -1,9 +1,13 @@
-"""`Scheduler`: one pipeline of a worker, shared by all its streams, fed round robin.
+"""`Scheduler`: one pipeline of a worker, shared by all its streams, fed fairly.
 
-One thread per pipeline. It takes the next batch from the next stream that has one to
-make, room for it (fewer than `depth` made ahead of its handler) and memory for it in
-the worker's budget, so every stream with work gets one batch per round: none starves,
-whatever the others ask for. A batch found in the batch cache is sent from there.
+One thread per pipeline. Of the streams that have a batch to make, room for it (fewer
+than `depth` made ahead of their handler) and memory for it in the worker's budget, it
+serves the one whose client has had the fewest images from this pipeline so far (fair
+queueing; a client is a connection, which outlives the calls a loader makes on it, one
+per few batches). With equal demand that is round robin, one batch per stream per
+round; no stream starves, whatever the others ask for. A client that comes (back)
+starts level with the least served one attached, so it gets no credit for the time it
+was away. A batch found in the batch cache is sent from there.
 
 Two batches are in the pipeline at once (`IN_FLIGHT`): while DALI runs batch k+1, the
 thread reads the files of the batch after it and cuts batch k's frames straight from
@@ -20,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -35,6 +39,7 @@ __all__ = ["IN_FLIGHT", "Scheduler"]
 log = logging.getLogger("augsvc.server")
 
 IN_FLIGHT = 2  # batches in the pipeline at once: one computing while one is collected
+CLIENTS_KEPT = 1024  # service counts remembered for clients not attached any more
 
 
 @dataclass
@@ -69,7 +74,7 @@ class Scheduler:
         self.idle_since = time.monotonic()
         self.closing = False
         self.batches = 0  # batches made (for tests and logs)
-        self._next = 0  # round-robin position in `streams`
+        self._served: OrderedDict[str, int] = OrderedDict()  # images made per client
         self._thread = threading.Thread(target=self._run, name="augsvc-pipeline", daemon=True)
 
     def start(self) -> None:
@@ -79,6 +84,10 @@ class Scheduler:
 
     def attach(self, work: StreamWork) -> None:
         work.scheduler = self
+        level = min((self._served[w.client] for w in self.streams), default=0)
+        self._served[work.client] = max(self._served.pop(work.client, 0), level)
+        while len(self._served) > CLIENTS_KEPT:
+            self._served.popitem(last=False)  # least recently attached
         self.streams.append(work)
         self._cond.notify()
 
@@ -98,17 +107,19 @@ class Scheduler:
         self._cond.notify()
 
     def _pick(self) -> tuple[StreamWork, int, int] | None:
-        """Round robin: the next stream with a batch to start, room and memory for it."""
-        n = len(self.streams)
-        for i in range(n):
-            work = self.streams[(self._next + i) % n]
+        """The least served stream with a batch to start, room and memory for it."""
+        best: StreamWork | None = None
+        for work in self.streams:  # in attach order: ties go to the longest waiting
             if (work.todo and not work.closed and work.failure is None
-                    and work.ahead < work.depth and self._budget.fits(work.estimate)):
-                self._next = (self._next + i + 1) % n
-                work.ahead += 1
-                self._budget.take(work.estimate)
-                return work, work.todo.popleft(), work.estimate
-        return None
+                    and work.ahead < work.depth and self._budget.fits(work.estimate)
+                    and (best is None or self._served[work.client] < self._served[best.client])):
+                best = work
+        if best is None:
+            return None
+        self._served[best.client] += best.job.request.batch_size
+        best.ahead += 1
+        self._budget.take(best.estimate)
+        return best, best.todo.popleft(), best.estimate
 
     # --- the thread
 
