@@ -1,7 +1,7 @@
 """A worker's memory: the budget for prefetched batches, its default, and giving memory back.
 
-`--max-memory` bounds the bytes of finished batches a worker holds for all its streams
-together (made and not yet handed to gRPC, or being sent): a `MemoryBudget`. Its default
+`--max-memory` bounds the bytes of batches a worker holds for all its streams together
+(being made, made and not yet handed to gRPC, or being sent): a `MemoryBudget`. Its default
 is `DEFAULT_SHARE` of the memory this machine can still give (MemAvailable, or what is
 left under a cgroup limit when that is smaller), divided among the worker processes,
 and at least `MIN_DEFAULT`.
@@ -20,7 +20,7 @@ import platform
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_SHARE", "MIN_DEFAULT", "MemoryBudget", "available_memory",
+__all__ = ["DEFAULT_SHARE", "MIN_DEFAULT", "Charge", "MemoryBudget", "available_memory",
            "default_max_memory", "release_free_memory"]
 
 
@@ -65,26 +65,44 @@ def default_max_memory(processes: int) -> int:
     return max(MIN_DEFAULT, int(available * DEFAULT_SHARE) // max(1, processes))
 
 
+class Charge:
+    """Bytes charged to a `MemoryBudget`."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
 class MemoryBudget:
-    """Bytes of prefetched batches held, against a limit. The caller holds the lock that
-    guards it (the worker's scheduling lock). One batch may always be held, even when it
-    alone is over the limit, so a small budget slows streams down but never stops them."""
+    """Bytes of batches held against `limit`. When nothing is held, one batch of any size
+    fits, so a small budget slows streams down but never stops them; a charge can also be
+    forced past the limit (see `StreamWork`). The caller holds the lock that guards it
+    (the worker's scheduling lock)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
 
-    def fits(self, nbytes: int) -> bool:
-        return self.used == 0 or self.used + nbytes <= self.limit
-
-    def take(self, nbytes: int) -> None:
-        """Count `nbytes` more (negative: fewer, e.g. a reservation corrected)."""
+    def charge(self, nbytes: int, force: bool = False) -> Charge | None:
+        """Charge `nbytes` if they fit (or `force`), else None."""
+        if self.used and self.used + nbytes > self.limit and not force:
+            return None
         self.used += nbytes
         self.peak = max(self.peak, self.used)
+        return Charge(nbytes)
 
-    def give(self, nbytes: int) -> None:
-        self.used -= nbytes
+    def resize(self, charge: Charge, nbytes: int) -> None:
+        """Correct a charge to the size the batch turned out to have."""
+        self.used += nbytes - charge.nbytes
+        charge.nbytes = nbytes
+        self.peak = max(self.peak, self.used)
+
+    def release(self, charge: Charge) -> None:
+        """Give a charge back (once; releasing it again does nothing)."""
+        self.used -= charge.nbytes
+        charge.nbytes = 0
 
 
 @functools.cache

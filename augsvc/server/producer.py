@@ -3,8 +3,12 @@ the queue between the scheduler that makes the stream's batches and the handler 
 sends them.
 
 A stream has at most `depth` batches made ahead of the handler (being made, or done and
-waiting); each counts against the worker's `MemoryBudget` from the moment it is started
-until the handler has handed its last frame to gRPC.
+waiting); each is charged to the worker's `MemoryBudget` from the moment it is started
+until the handler has handed its last frame to gRPC, and waits while the budget is full.
+One exception keeps clients that read from waiting for memory that clients that do not
+read have filled: a stream whose client has read a batch of it and everything sent
+since (its handler waits, nothing on the way) gets its next batch at once, past the
+limit if need be; that batch goes out as soon as it is made.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from augsvc.core.sampling import EpochPlan
 from augsvc.core.stats import DatasetStats
 from augsvc.server.catalog import DatasetEntry
-from augsvc.server.memory import MemoryBudget
+from augsvc.server.memory import Charge, MemoryBudget
 from augsvc.wire.convert import StreamRequest
 
 if TYPE_CHECKING:
@@ -67,10 +71,12 @@ class StreamWork:
                  lock: threading.Lock, budget: MemoryBudget) -> None:
         self.job, self.client, self.depth, self.estimate = job, client, depth, job.batch_bytes()
         self.todo = deque(todo)  # batches still to start, in the order they are sent
-        self.ready: deque[tuple[int, tuple[bytes, ...], int]] = deque()  # (k, frames, bytes)
+        self.ready: deque[tuple[int, tuple[bytes, ...], Charge]] = deque()
         self.ahead = 0  # batches started or ready, not yet taken by the handler
-        self.held = 0  # budget bytes of the ready batches and the one being sent
+        self._held: set[Charge] = set()  # of the ready batches and the one being sent
         self.closed = False
+        self.waiting = False  # the handler waits for a batch, none is ready or being made
+        self.delivered = False  # the handler has sent at least one batch
         self.failure: BaseException | None = None
         self.scheduler: Scheduler | None = None
         self._cond = threading.Condition(lock)
@@ -78,8 +84,8 @@ class StreamWork:
 
     # --- the handler's side
 
-    def take(self) -> tuple[int, tuple[bytes, ...], int] | None:
-        """The next batch's (k, frames, bytes), waiting for it; None once closed;
+    def take(self) -> tuple[int, tuple[bytes, ...], Charge] | None:
+        """The next batch's (k, frames, charge), waiting for it; None once closed;
         re-raises the error that stopped the pipeline."""
         with self._cond:
             while not self.ready:
@@ -87,18 +93,24 @@ class StreamWork:
                     raise self.failure
                 if self.closed:
                     return None
+                if not self.waiting:
+                    self.waiting = True
+                    self._wake_schedulers()
                 self._cond.wait()
+            self.waiting = False
             item = self.ready.popleft()
             self.ahead -= 1
             self._wake_schedulers()
             return item
 
-    def sent(self, nbytes: int) -> None:
-        """The handler has handed a taken batch to gRPC: its memory leaves the budget."""
+    def sent(self, charge: Charge | None) -> None:
+        """The handler has handed a batch to gRPC (a taken one: its memory leaves the
+        budget; None: one from the batch cache)."""
         with self._cond:
-            if not self.closed:
-                self.held -= nbytes
-                self._budget.give(nbytes)
+            self.delivered = True
+            if charge is not None and charge in self._held:
+                self._held.discard(charge)
+                self._budget.release(charge)
                 self._wake_schedulers()
 
     def close(self) -> None:
@@ -108,8 +120,9 @@ class StreamWork:
             if self.closed:
                 return
             self.closed = True
-            self._budget.give(self.held)
-            self.held = 0
+            for charge in self._held:
+                self._budget.release(charge)
+            self._held.clear()
             self.ready.clear()
             self.todo.clear()
             if self.scheduler is not None:
@@ -123,15 +136,18 @@ class StreamWork:
 
     # --- the scheduler's side (lock held)
 
-    def _deliver(self, k: int, frames: tuple[bytes, ...], reserved: int) -> None:
-        """A started batch is done: into `ready`, its reservation corrected to its size."""
+    def _urgent(self) -> bool:
+        """Its client has read everything so far and waits for the next batch."""
+        return self.waiting and self.delivered and not self.ahead
+
+    def _deliver(self, k: int, frames: tuple[bytes, ...], charge: Charge) -> None:
+        """A started batch is done: into `ready`, its charge corrected to its size."""
         if self.closed:
-            self._budget.give(reserved)
+            self._budget.release(charge)
             return
-        size = sum(len(f) for f in frames)
-        self._budget.take(size - reserved)
-        self.held += size
-        self.ready.append((k, frames, size))
+        self._budget.resize(charge, sum(len(f) for f in frames))
+        self._held.add(charge)
+        self.ready.append((k, frames, charge))
         self._cond.notify_all()
 
     def _fail(self, exc: BaseException) -> None:

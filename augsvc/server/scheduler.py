@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from augsvc import wire
 from augsvc.engine.augmenter import AugmentedBatch, Augmenter, StartedBatch
 from augsvc.server.batchcache import BatchCache
-from augsvc.server.memory import MemoryBudget
+from augsvc.server.memory import Charge, MemoryBudget
 from augsvc.server.producer import Job, StreamWork
 
 __all__ = ["IN_FLIGHT", "Scheduler"]
@@ -46,7 +46,7 @@ CLIENTS_KEPT = 1024  # service counts remembered for clients not attached any mo
 class _Started:
     work: StreamWork
     k: int
-    reserved: int  # budget bytes taken for it
+    charge: Charge  # its memory in the worker's budget
     started: StartedBatch | None  # None: `frames` came from the batch cache
     frames: tuple[bytes, ...] | None = None
 
@@ -106,20 +106,17 @@ class Scheduler:
         self.closing = True
         self._cond.notify()
 
-    def _pick(self) -> tuple[StreamWork, int, int] | None:
+    def _pick(self) -> tuple[StreamWork, int, Charge] | None:
         """The least served stream with a batch to start, room and memory for it."""
-        best: StreamWork | None = None
-        for work in self.streams:  # in attach order: ties go to the longest waiting
-            if (work.todo and not work.closed and work.failure is None
-                    and work.ahead < work.depth and self._budget.fits(work.estimate)
-                    and (best is None or self._served[work.client] < self._served[best.client])):
-                best = work
-        if best is None:
-            return None
-        self._served[best.client] += best.job.request.batch_size
-        best.ahead += 1
-        self._budget.take(best.estimate)
-        return best, best.todo.popleft(), best.estimate
+        eligible = [w for w in self.streams if w.todo and not w.closed
+                    and w.failure is None and w.ahead < w.depth]
+        for work in sorted(eligible, key=lambda w: self._served[w.client]):  # ties: attach order
+            charge = self._budget.charge(work.estimate, force=work._urgent())
+            if charge is not None:
+                self._served[work.client] += work.job.request.batch_size
+                work.ahead += 1
+                return work, work.todo.popleft(), charge
+        return None
 
     # --- the thread
 
@@ -143,7 +140,7 @@ class Scheduler:
                         in_flight.append(self._start(augmenter, *pick))
                     except Exception:
                         with self._cond:
-                            self._budget.give(pick[2])
+                            self._budget.release(pick[2])
                         raise
                     if len(in_flight) < IN_FLIGHT:
                         continue
@@ -154,22 +151,22 @@ class Scheduler:
             log.exception("pipeline %s failed; failing its streams", self.key)
             with self._cond:
                 for item in in_flight:
-                    self._budget.give(item.reserved)
+                    self._budget.release(item.charge)
         finally:
             if augmenter is not None:
                 augmenter.close()
             self._on_exit(self, error)
 
     def _start(self, augmenter: Augmenter, work: StreamWork, k: int,
-               reserved: int) -> _Started:
+               charge: Charge) -> _Started:
         job = work.job
         frames = self._cache.get(job.cache_key(k))
         if frames is not None:
-            return _Started(work, k, reserved, None, frames)
+            return _Started(work, k, charge, None, frames)
         batch = job.plan.batch(k, job.request.rank)
         started = augmenter.start(job.request.seed, job.request.epoch, batch.sample_ids,
                                   batch.draw_ids)
-        return _Started(work, k, reserved, started)
+        return _Started(work, k, charge, started)
 
     def _finish(self, augmenter: Augmenter, item: _Started) -> None:
         frames = item.frames
@@ -180,13 +177,13 @@ class Scheduler:
             except Exception as exc:  # this batch cannot be sent; the pipeline is fine
                 with self._cond:
                     item.work._fail(exc)
-                    self._budget.give(item.reserved)
+                    self._budget.release(item.charge)
                 return
             del result  # DALI's output buffer is free for reuse from here
             self._cache.put(item.work.job.cache_key(item.k), frames)
         with self._cond:
             self.batches += 1
-            item.work._deliver(item.k, frames, item.reserved)
+            item.work._deliver(item.k, frames, item.charge)
 
 
 def _encode(job: Job, k: int, result: AugmentedBatch) -> tuple[bytes, ...]:

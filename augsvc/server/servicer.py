@@ -166,18 +166,18 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             work.close()
         try:
             for frames in cached:
-                nbytes = 0
+                charge = None
                 if frames is None:
                     item = work.take()
                     if item is None:  # the call was cancelled or the server stopped
                         return
-                    _, frames, nbytes = item
+                    _, frames, charge = item
                 for frame in frames:
                     watched.blocked_since = time.monotonic()
                     yield frame
                     watched.blocked_since = None
-                if nbytes:
-                    work.sent(nbytes)
+                if work is not None:
+                    work.sent(charge)
                 progress["sent"] += 1
         except Exception as exc:
             progress["failed"] = True
