@@ -8,7 +8,10 @@ until the handler has handed its last frame to gRPC, and waits while the budget 
 One exception keeps clients that read from waiting for memory that clients that do not
 read have filled: a stream whose client has read a batch of it and everything sent
 since (its handler waits, nothing on the way) gets its next batch at once, past the
-limit if need be; that batch goes out as soon as it is made.
+limit if need be; that batch goes out as soon as it is made. Waiting for memory is not
+a stall (`augsvc.server.watchdog`): the streams holding memory unread are cancelled by
+--stall-timeout, and with it off a client that opens streams it does not read can make
+its own other streams wait for good.
 """
 
 from __future__ import annotations
