@@ -3,6 +3,7 @@
     python scripts/stress_server.py flood   [--streams 2000]
     python scripts/stress_server.py loaders [--loaders 16 --workers 2 --seconds 60]
     python scripts/stress_server.py soak    [--minutes 30 --loaders 2] [--tracemalloc]
+    python scripts/stress_server.py cpu     [--batches 40]
 
 Each prints a table (and `--json FILE` writes the figures). Real servers on loopback,
 real JPEGs (photo-like, ~500x375, written to a temporary folder).
@@ -17,6 +18,9 @@ real JPEGs (photo-like, ~500x375, written to a temporary folder).
   loader processes for `--minutes`; RSS of the server and the loaders every 10 s, their
   slopes, and at the end the server's RSS after `malloc_trim` and, with --tracemalloc,
   the Python allocations that grew the most.
+* cpu: one loader (2 streams) on `augsvc serve` (1 worker, 2 DALI threads) for
+  `--batches` batches after a warm-up: images/s, and the CPU seconds the worker and the
+  loader spent per 1000 images, a figure a machine loaded by other work changes less.
 """
 
 from __future__ import annotations
@@ -373,9 +377,41 @@ def soak(args: argparse.Namespace, data: Path) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ cpu
+
+
+def cpu_ticks(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu(args: argparse.Namespace, data: Path) -> dict:
+    from augsvc.client import AugmentLoader
+    from augsvc.core.spec import AugmentSpec
+
+    with server(data, "--dali-threads", "2") as (address, proc), AugmentLoader(
+            address, "photos", AugmentSpec(**SPEC), batch_size=args.batch_size,
+            timeout=120) as loader:
+        (worker,) = children(proc.pid)
+        batches = loader.epochs(None)
+        for _ in range(3):
+            next(batches)  # warm-up: pipeline built, streams open
+        t0, w0, l0 = time.monotonic(), cpu_ticks(worker), cpu_ticks(os.getpid())
+        images = sum(len(next(batches)[1]) for _ in range(args.batches))
+        seconds = time.monotonic() - t0
+        worker_s, loader_s = cpu_ticks(worker) - w0, cpu_ticks(os.getpid()) - l0
+    out = {"images": images, "img/s": images / seconds,
+           "worker CPU s per 1000 images": 1000 * worker_s / images,
+           "loader CPU s per 1000 images": 1000 * loader_s / images,
+           "load average (1 min)": os.getloadavg()[0]}
+    table(list(out.items()))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("flood", "loaders", "soak"))
+    parser.add_argument("what", choices=("flood", "loaders", "soak", "cpu"))
     parser.add_argument("--streams", type=int, default=2000, help="flood: calls opened")
     parser.add_argument("--channels", type=int, default=20, help="flood: connections")
     parser.add_argument("--loaders", type=int, default=None,
@@ -383,6 +419,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="loaders: server workers")
     parser.add_argument("--seconds", type=float, default=60.0, help="loaders: measured time")
     parser.add_argument("--minutes", type=float, default=30.0, help="soak: duration")
+    parser.add_argument("--batches", type=int, default=40, help="cpu: batches measured")
     parser.add_argument("--warmup", type=float, default=120.0,
                         help="soak: seconds left out of the slopes")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -396,7 +433,7 @@ def main() -> int:
         args.loaders = 16 if args.what == "loaders" else 2
     with tempfile.TemporaryDirectory(prefix="augsvc-stress-") as tmp:
         data = make_images(Path(tmp) / "images", args.images)
-        out = {"flood": flood, "loaders": loaders, "soak": soak}[args.what](args, data)
+        out = {"flood": flood, "loaders": loaders, "soak": soak, "cpu": cpu}[args.what](args, data)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0
