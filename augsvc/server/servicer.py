@@ -161,10 +161,12 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             finished()
         cached = [self.cache.get(job.cache_key(k)) for k in job.batches]
         todo = [k for k, frames in zip(job.batches, cached, strict=True) if frames is None]
-        work = self.pool.attach(job, todo, peer) if todo else None  # none: no pipeline needed
-        if work is not None and not context.add_callback(work.close):
-            work.close()
+        work = None  # stays None when every batch is cached: no pipeline needed
         try:
+            if todo:
+                work = self.pool.attach(job, todo, peer)
+                if not context.add_callback(work.close):
+                    work.close()
             for frames in cached:
                 charge = None
                 if frames is None:
