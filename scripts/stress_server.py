@@ -239,27 +239,29 @@ def flood(args: argparse.Namespace, data: Path) -> dict:
 
 def _loader(address: str, seconds: float, batch_size: int, results: multiprocessing.Queue,
             start_at: float) -> None:
+    """Count the images received in the wall-clock window [start_at, start_at + seconds],
+    the same window for every loader."""
     from augsvc.client import AugmentLoader
     from augsvc.core.spec import AugmentSpec
 
     with AugmentLoader(address, "photos", AugmentSpec(**SPEC), batch_size=batch_size,
                        timeout=120) as loader:
-        batches = loader.epochs(None)
-        next(batches)  # warm-up
-        while time.time() < start_at:
-            next(batches)
         images = 0
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            images += len(next(batches)[1])
-        results.put((os.getpid(), images / (time.monotonic() - t0)))
+        for _, labels in loader.epochs(None):
+            now = time.time()
+            if now > start_at + seconds:
+                break
+            if now >= start_at:
+                images += len(labels)
+        results.put((os.getpid(), images / seconds))
 
 
 def loaders(args: argparse.Namespace, data: Path) -> dict:
     ctx = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = ctx.Queue()
-    with server(data, "--workers", str(args.workers)) as (address, proc):
-        start_at = time.time() + 20  # every loader warmed up and streaming by then
+    extra = ["--dali-threads", str(args.dali_threads)] if args.dali_threads else []
+    with server(data, "--workers", str(args.workers), *extra) as (address, proc):
+        start_at = time.time() + 30  # every loader warmed up and streaming by then
         procs = [ctx.Process(target=_loader, args=(address, args.seconds, args.batch_size,
                                                    results, start_at))
                  for _ in range(args.loaders)]
@@ -268,10 +270,13 @@ def loaders(args: argparse.Namespace, data: Path) -> dict:
         peak = 0
         spread: dict[int, list[int]] = {}
         pids = [proc.pid, *children(proc.pid)]
+        marks, cpu_at = (start_at, start_at + args.seconds), []  # server CPU s at both
         while any(p.is_alive() for p in procs):
             peak = max(peak, sum(status_field(pid, "VmRSS") for pid in pids))
+            if len(cpu_at) < 2 and time.time() >= marks[len(cpu_at)]:
+                cpu_at.append(sum(cpu_ticks(pid) for pid in pids[1:]))
             time.sleep(0.5)
-            if not spread and time.time() > start_at:
+            if not spread and time.time() > start_at + args.seconds / 2:
                 workers = children(proc.pid)
                 port = int(address.rsplit(":", 1)[1])
                 spread = {p.pid: connections(p.pid, workers, port) for p in procs}
@@ -286,6 +291,10 @@ def loaders(args: argparse.Namespace, data: Path) -> dict:
         "img/s per loader, min": rates[0], "img/s per loader, max": rates[-1],
         "min/max": rates[0] / rates[-1], "img/s, all loaders": sum(rates),
         "server peak RSS, all processes (MiB)": peak / 1024,
+        "server CPU s per 1000 images": (1000 * (cpu_at[1] - cpu_at[0])
+                                         / (sum(rates) * args.seconds)
+                                         if len(cpu_at) == 2 else None),
+        "load average (1 min)": os.getloadavg()[0],
     }
     table(list(out.items()))
     return out
@@ -417,6 +426,8 @@ def main() -> int:
     parser.add_argument("--loaders", type=int, default=None,
                         help="loader processes (default: 16 for loaders, 2 for soak)")
     parser.add_argument("--workers", type=int, default=2, help="loaders: server workers")
+    parser.add_argument("--dali-threads", type=int, default=0,
+                        help="loaders: DALI threads per pipeline (default: the server's)")
     parser.add_argument("--seconds", type=float, default=60.0, help="loaders: measured time")
     parser.add_argument("--minutes", type=float, default=30.0, help="soak: duration")
     parser.add_argument("--batches", type=int, default=40, help="cpu: batches measured")
