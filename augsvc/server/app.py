@@ -35,6 +35,9 @@ log = logging.getLogger("augsvc.server")
 # Threads beyond --max-streams for unary calls, health checks, reflection and the
 # refusal of streams over the limit: admitted streams never take them.
 SPARE_THREADS = 16
+# Calls gRPC core holds until the Python server takes them. Past its default (1000), a
+# flood's surplus was cancelled (CANCELLED) instead of refused (RESOURCE_EXHAUSTED).
+MAX_PENDING_CALLS = 8192
 
 
 
@@ -91,7 +94,9 @@ class AugmentServer:
         )
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
-        options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0)]
+        options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0),
+                   ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                   ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS)]
         interceptors: list[grpc.ServerInterceptor] = (
             [TokenInterceptor(config.token)] if config.token else [])
         interceptors.append(AdmissionInterceptor(self.admission, wire.STREAM_BATCHES_METHOD))
