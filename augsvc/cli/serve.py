@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="largest batch_size a request may ask for; larger ones are "
                         "refused with RESOURCE_EXHAUSTED (default: 1024)")
     limits.add_argument("--max-memory", default="auto", metavar="SIZE",
-                        help="memory per worker for finished batches not yet sent, all "
+                        help="memory per worker for batches being made or not yet sent, all "
                         "streams together (e.g. 512M, 4G; a bare number is MiB); streams "
                         "wait when it is full. auto: a quarter of the memory available "
                         "(MemAvailable, or what a cgroup limit leaves) divided among the "
