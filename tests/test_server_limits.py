@@ -172,3 +172,21 @@ def test_a_flood_of_streams_is_refused_at_once_and_threads_stay_bounded(folder: 
         # pipeline (and a producer thread) per stream this was over 90
         assert threads[0] <= limit + 16 + 25, f"{threads[0]} threads"
         assert_healthy(server)
+
+
+def test_refusals_are_logged_as_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood is one log line every few seconds, not one per refused stream."""
+    from augsvc.server.watchdog import REFUSALS_EVERY, Watchdog
+
+    refused = [0]
+    watchdog = Watchdog(60, idle=lambda: False, refused=lambda: refused[0])
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="augsvc.server"):
+        refused[0] = 1500
+        watchdog.check(start + REFUSALS_EVERY + 1)
+        refused[0] = 1900
+        watchdog.check(start + REFUSALS_EVERY + 2)  # too soon: counted in the next line
+        watchdog.check(start + 2 * REFUSALS_EVERY + 2)
+    lines = [r.getMessage() for r in caplog.records if "over --max-streams" in r.getMessage()]
+    assert lines == ["refused 1500 stream(s) over --max-streams in the last 11 s",
+                     "refused 400 stream(s) over --max-streams in the last 11 s"]

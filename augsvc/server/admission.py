@@ -114,6 +114,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, admission: Admission, method: str) -> None:
         self._admission, self._method = admission, method
+        self._handlers: dict[tuple[grpc.StatusCode, str], grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -122,8 +123,11 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         refusal = self._admission.admit()
         if refusal is None:
             return continuation(handler_call_details)
+        key = (refusal.code, refusal.details)
+        handler = self._handlers.get(key)  # the polling thread alone reads and writes it
+        if handler is None:
+            def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+                context.abort(*key)
 
-        def refuse(request: bytes, context: grpc.ServicerContext) -> None:
-            context.abort(refusal.code, refusal.details)
-
-        return grpc.unary_stream_rpc_method_handler(refuse)  # the request stays raw bytes
+            handler = self._handlers[key] = grpc.unary_stream_rpc_method_handler(refuse)
+        return handler  # the request stays raw bytes: nothing to parse

@@ -67,7 +67,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         self._plans: OrderedDict[tuple, EpochPlan] = OrderedDict()
         self._plans_lock = threading.Lock()
         self.max_batch_size = max_batch_size
-        self.watchdog = Watchdog(stall_timeout, idle=lambda: admission.active == 0)
+        self.watchdog = Watchdog(stall_timeout, idle=lambda: admission.active == 0,
+                                 refused=lambda: admission.refused)
         self.watchdog.start()
         self._force = threading.Event()
 

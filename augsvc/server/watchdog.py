@@ -8,7 +8,8 @@ the loader hands the batches to another stream); its batches leave the memory bu
 at once. Waiting for a batch to be made is not a stall.
 
 When the last running stream has ended, the freed memory goes back to the system
-(`release_free_memory`): without it glibc keeps gigabytes of freed frames.
+(`release_free_memory`): without it glibc keeps gigabytes of freed frames. Streams
+refused over --max-streams are logged as one count every `REFUSALS_EVERY` seconds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from augsvc.server.memory import release_free_memory
 __all__ = ["Watchdog", "Watched", "cancel_call"]
 
 log = logging.getLogger("augsvc.server")
+
+REFUSALS_EVERY = 10.0  # seconds between log lines counting refused streams
 
 
 def cancel_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
@@ -49,10 +52,13 @@ class Watched:
 
 
 class Watchdog:
-    """Checks every watched stream each `tick` seconds; `idle()` says no stream runs."""
+    """Checks every watched stream each `tick` seconds; `idle()` says no stream runs,
+    `refused()` how many have been refused over the limit so far."""
 
-    def __init__(self, stall_timeout: float, idle: Callable[[], bool]) -> None:
-        self.stall_timeout, self._idle = stall_timeout, idle
+    def __init__(self, stall_timeout: float, idle: Callable[[], bool],
+                 refused: Callable[[], int]) -> None:
+        self.stall_timeout, self._idle, self._refused = stall_timeout, idle, refused
+        self._logged = (0, time.monotonic())  # refusals counted at the last log line
         self.tick = min(1.0, stall_timeout / 4) if stall_timeout > 0 else 1.0
         self._watched: set[Watched] = set()
         self._lock = threading.Lock()
@@ -106,3 +112,8 @@ class Watchdog:
             with self._lock:
                 self._release_due = False
             release_free_memory()
+        refused, (logged, since) = self._refused(), self._logged
+        if refused > logged and now - since >= REFUSALS_EVERY:
+            log.info("refused %d stream(s) over --max-streams in the last %.0f s",
+                     refused - logged, now - since)
+            self._logged = (refused, now)
