@@ -70,12 +70,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "most 8)")
     work.add_argument("--io-threads", type=int, default=4, metavar="N",
                       help="file-reading threads per pipeline (default: 4)")
+    work.add_argument("--gpus", metavar="LIST",
+                      help="run --workers workers on each of these GPUs, all on one port: "
+                      "indices like 0,1 (of the GPUs CUDA_VISIBLE_DEVICES shows, if set) or "
+                      "'all'; each worker sees only its GPU (default: --device-id only)")
     work.add_argument("--prefetch", type=int, default=2, metavar="N",
-                      help="finished batches a stream computes ahead of the one being sent; "
+                      help="finished batches a stream has made ahead of the one being sent; "
                       "bounds each stream's memory (default: 2)")
     work.add_argument("--pipeline-cache", type=int, default=4, metavar="N",
-                      help="idle pipelines each worker keeps for reuse by later streams with "
-                      "the same dataset, spec and batch size (default: 4)")
+                      help="pipelines without streams each worker keeps for later streams "
+                      "with the same dataset, spec and batch size; streams that share those "
+                      "share one pipeline (default: 4)")
     work.add_argument("--batch-cache-mb", type=int, default=0, metavar="MB",
                       help="memory per worker for finished batches, sent again from memory "
                       "when the same batch is asked for again (failover re-requests, jobs "
@@ -87,6 +92,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-batch-size", type=int, default=1024, metavar="N",
                         help="largest batch_size a request may ask for; larger ones are "
                         "refused with RESOURCE_EXHAUSTED (default: 1024)")
+    limits.add_argument("--max-memory", default="auto", metavar="SIZE",
+                        help="memory per worker for batches being made or not yet sent, all "
+                        "streams together (e.g. 512M, 4G; a bare number is MiB); streams "
+                        "wait when it is full. auto: a quarter of the memory available "
+                        "(MemAvailable, or what a cgroup limit leaves) divided among the "
+                        "workers, at least 256M (default: auto)")
+    limits.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="cancel a stream whose client reads nothing for this long, with "
+                        "DEADLINE_EXCEEDED (clients retry), freeing its memory; 0: never "
+                        "(default: 60)")
     limits.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                         help="seconds running streams get to finish on shutdown (default: 10)")
     sec = p.add_argument_group("security")
@@ -132,6 +147,26 @@ def _datasets(items: list[str]) -> tuple[dict[str, Path], dict[str, Path]]:
     return out, stats
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _memory_size(text: str) -> int | None:
+    """--max-memory: None for auto, else bytes ("512M", "4G", or MiB without a unit)."""
+    size = text.strip().upper().removesuffix("B").removesuffix("I")
+    if size == "AUTO":
+        return None
+    unit = _SIZE_UNITS.get(size[-1:])
+    number = size[:-1] if unit else size
+    try:
+        value = float(number) * (unit or _SIZE_UNITS["M"])
+    except ValueError:
+        raise ValueError(f"--max-memory {text!r}: expected auto or a size like 512M or 4G") \
+            from None
+    if not 1 <= value < float(1 << 62):
+        raise ValueError(f"--max-memory {text!r}: must be at least one byte")
+    return int(value)
+
+
 def _token(args: argparse.Namespace) -> str | None:
     if args.token_file is not None and args.token is not None:
         raise ValueError("give either --token-file or --token, not both")
@@ -165,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from augsvc.core.stats import StatsError
     from augsvc.engine.dataset import DatasetError
     from augsvc.server import ServerConfig, serve
+    from augsvc.server.gpus import parse_gpus
 
     try:
         _check_readable(args.tls_cert, args.tls_key, args.tls_client_ca)
@@ -186,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
             io_threads=args.io_threads,
             batch_cache_mb=args.batch_cache_mb,
             grace=args.grace,
+            stall_timeout=args.stall_timeout,
+            max_memory=_memory_size(args.max_memory),
+            gpus=parse_gpus(args.gpus) if args.gpus is not None else (),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

@@ -17,7 +17,9 @@ Parent (`Supervisor.run`):
 
 Worker: ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 parent is in charge), gets SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`),
-runs an `AugmentServer` on the shared port(s) with its own DALI pipelines.
+is pinned to its GPU with `--gpus` (`augsvc.server.gpus`), runs an `AugmentServer` on
+the shared port(s) with its own DALI pipelines. DALI is imported, and CUDA touched, only
+in workers: the parent never loads them (CUDA does not survive a fork).
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 
 from augsvc.server.app import AugmentServer
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
+from augsvc.server.gpus import pin_to_gpu, worker_gpu
 
 __all__ = ["Supervisor", "reserve_port", "serve"]
 
@@ -100,7 +103,8 @@ class Supervisor:
     """The parent process of `serve` (module docstring)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        self.config = config
+        # one memory budget for every worker, measured before any of them allocates
+        self.config = replace(config, max_memory=config.resolved_max_memory())
         self.device = config.resolved_device()
         self._ctx = multiprocessing.get_context("fork")
         self._workers: list[_Worker] = []
@@ -127,7 +131,7 @@ class Supervisor:
 
     def _supervise(self, catalog: Catalog, ports: _Ports) -> int:
         config = self.config
-        for slot in range(config.workers):
+        for slot in range(config.processes):
             self._spawn(slot, catalog, ports)
         serving = False
         stopping = 0  # signals received
@@ -168,7 +172,7 @@ class Supervisor:
                 health = "" if ports.health_port is None else f", health_port={ports.health_port}"
                 print(f"augsvc: serving {len(catalog)} dataset(s) on "
                       f"{address(config.host, ports.port)} (device={self.device}, "
-                      f"workers={config.workers}{health})", flush=True)
+                      f"workers={config.processes}{health})", flush=True)
             if (stopping or not serving) and time.monotonic() > deadline:
                 what = "stop" if stopping else "start"
                 log.error("workers did not %s in time; killing them", what)
@@ -238,7 +242,7 @@ class Supervisor:
         recv, send = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_worker_main, name=f"augsvc-worker-{slot}",
-            args=(self.config, catalog, ports, send, os.getpid()),
+            args=(self.config, slot, catalog, ports, send, os.getpid()),
         )
         sys.stdout.flush()
         sys.stderr.flush()
@@ -279,8 +283,8 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(config: ServerConfig, catalog: Catalog, ports: _Ports, conn: Connection,
-                 parent: int) -> None:
+def _worker_main(config: ServerConfig, slot: int, catalog: Catalog, ports: _Ports,
+                 conn: Connection, parent: int) -> None:
     """A worker process: serve on the shared port(s) until SIGTERM, then drain and exit."""
     for reservation in ports.sockets:
         reservation.close()  # the parent holds the ports
@@ -288,6 +292,12 @@ def _worker_main(config: ServerConfig, catalog: Catalog, ports: _Ports, conn: Co
     _die_with_parent(parent)
     code = 0
     try:
+        gpu = worker_gpu(slot, config.workers, config.gpus)
+        if gpu is not None:  # before DALI or CUDA start
+            visible = pin_to_gpu(gpu)
+            config = replace(config, device_id=0)
+            log.info("worker %d (pid %d) runs on GPU %d (CUDA_VISIBLE_DEVICES=%s)", slot,
+                     os.getpid(), gpu, visible)
         server = _start_worker_server(config, catalog, ports, conn)
         if server is None:
             code = 1

@@ -1,0 +1,133 @@
+"""Admission of StreamBatches calls: --max-streams, checked before a call waits for a thread.
+
+grpcio's synchronous server runs interceptors on its polling thread, before a call is
+queued for an executor thread, so `AdmissionInterceptor` refuses a stream over the limit
+there: the refusal (RESOURCE_EXHAUSTED, or UNAVAILABLE while shutting down) then runs
+on one of the spare threads, which admitted streams can never take (the executor has
+`max_streams` + spare threads), and never queues behind running streams. A flood of
+new streams is refused at once and the worker's threads stay bounded.
+
+grpc's own `maximum_concurrent_rpcs` refuses without any thread, but it counts every
+call, health checks included (grpcio 1.85 `_server.py`), so probes would fail during a
+flood; it is not used.
+
+`Admission.enter`, called by the handler, is the exact count (the interceptor's count of
+calls on their way to a thread expires after `PENDING_TTL` s, for calls cancelled
+before their handler started).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+__all__ = ["PENDING_TTL", "Admission", "AdmissionInterceptor", "Refused"]
+
+PENDING_TTL = 10.0  # seconds an admitted call may take to reach its handler
+
+
+class Refused(Exception):
+    """A stream not admitted, with the status to answer."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class Admission:
+    """Counts running streams against `max_streams`; refuses everything while draining."""
+
+    def __init__(self, max_streams: int) -> None:
+        self.max_streams = max_streams
+        self.cond = threading.Condition()
+        self.active = 0
+        self.refusing = False
+        self.refused = 0  # streams refused over the limit so far
+        self._pending: collections.deque[float] = collections.deque()  # admit times
+
+    def _refusal(self) -> Refused | None:
+        if self.refusing:
+            return Refused(grpc.StatusCode.UNAVAILABLE,
+                           "the server is shutting down; retry on another server")
+        if self.active + len(self._pending) >= self.max_streams:
+            self.refused += 1
+            return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"too many concurrent streams: this server process runs at most "
+                           f"{self.max_streams}; retry later, use another server, or raise "
+                           f"its --max-streams")
+        return None
+
+    def admit(self) -> Refused | None:
+        """On grpc's polling thread: None (the call may go on to its handler) or why not."""
+        now = time.monotonic()
+        with self.cond:
+            while self._pending and now - self._pending[0] > PENDING_TTL:
+                self._pending.popleft()
+            refusal = self._refusal()
+            if refusal is None:
+                self._pending.append(now)
+            return refusal
+
+    def enter(self) -> Callable[[], None]:
+        """In the handler: take a slot (or raise `Refused`); a once-only release function."""
+        with self.cond:
+            if self._pending:
+                self._pending.popleft()
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
+            self.active += 1
+        released = threading.Lock()
+
+        def release() -> None:
+            if released.acquire(blocking=False):
+                with self.cond:
+                    self.active -= 1
+                    self.cond.notify_all()
+
+        return release
+
+    def refuse_new(self) -> None:
+        with self.cond:
+            self.refusing = True
+
+    def wait_idle(self, timeout: float, force: threading.Event) -> int:
+        """Wait up to `timeout` s (or until `force` is set) for no running stream; how many
+        still run."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.active and not force.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(min(left, 0.2))
+            return self.active
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Refuses StreamBatches calls over the limit before they are queued for a thread."""
+
+    def __init__(self, admission: Admission, method: str) -> None:
+        self._admission, self._method = admission, method
+        self._handlers: dict[tuple[grpc.StatusCode, str], grpc.RpcMethodHandler] = {}
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        if handler_call_details.method != self._method:
+            return continuation(handler_call_details)
+        refusal = self._admission.admit()
+        if refusal is None:
+            return continuation(handler_call_details)
+        key = (refusal.code, refusal.details)
+        handler = self._handlers.get(key)  # the polling thread alone reads and writes it
+        if handler is None:
+            def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+                context.abort(*key)
+
+            handler = self._handlers[key] = grpc.unary_stream_rpc_method_handler(refuse)
+        return handler  # the request stays raw bytes: nothing to parse
