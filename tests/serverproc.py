@@ -33,7 +33,8 @@ __all__ = ["SERVING_LINE", "ServerProcess", "child_pids", "running_server"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVING_LINE = re.compile(
     r"^augsvc: serving (?P<datasets>\d+) dataset\(s\) on (?P<host>\S+):(?P<port>\d+) "
-    r"\(device=(?P<device>\w+), workers=(?P<workers>\d+)\)$"
+    r"\(device=(?P<device>\w+), workers=(?P<workers>\d+)"
+    r"(, metrics_port=(?P<metrics_port>\d+))?\)$"
 )
 
 
@@ -64,6 +65,7 @@ class ServerProcess:
     port: int
     stderr_path: Path
     stdout_lines: list[str] = field(default_factory=list)
+    metrics_port: int | None = None  # the /metrics port of --metrics-port
 
     @property
     def address(self) -> str:
@@ -183,8 +185,9 @@ def _wait_until_serving(proc: subprocess.Popen, lines: queue.Queue[str | None],
             seen.append(line)
             match = SERVING_LINE.match(line)
             if match:
+                metrics_port = match["metrics_port"]
                 return ServerProcess(proc, match["host"], int(match["port"]), stderr_path,
-                                     seen)
+                                     seen, int(metrics_port) if metrics_port else None)
         if left <= 0:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)

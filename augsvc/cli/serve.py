@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Worker processes share one port (SO_REUSEPORT); each has its own DALI pipelines. "
         "On start one line goes to stdout:\n"
         "  augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)\n"
+        "(with --metrics-port: `..., workers=<w>, metrics_port=<p>)`).\n"
         "SIGINT (Ctrl-C) or SIGTERM stops gracefully: health turns NOT_SERVING, new streams "
         "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
         "second signal cancels them. Exit code 0 after a clean stop.",
@@ -41,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--port", type=int, default=50051, metavar="N",
                      help="TCP port; 0 picks a free one, printed on the serving line "
                      "(default: 50051)")
+    net.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                     help="serve Prometheus metrics at http://HOST:N/metrics (same --host; "
+                     "plain HTTP, no token): images, bytes and batches sent, refusals, "
+                     "latency, memory, worker restarts, GPU memory; the sums over every "
+                     "worker. 0 picks a free port, printed on the serving line (default: "
+                     "none)")
     work = p.add_argument_group("processing")
     work.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                       help="where DALI runs: gpu (nvJPEG decode + CUDA kernels), cpu, or auto: "
@@ -198,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
             grace=args.grace,
             stall_timeout=args.stall_timeout,
             max_memory=_memory_size(args.max_memory),
+            metrics_port=args.metrics_port,
             gpus=parse_gpus(args.gpus) if args.gpus is not None else (),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

@@ -37,6 +37,7 @@ class ServerConfig:
     stall_timeout: float = 60.0  # a stream whose client reads nothing this long is cancelled
     max_memory: int | None = None  # bytes of prefetched batches per worker; None: from the host
     gpus: tuple[int, ...] = ()  # one worker group per GPU (--workers each); (): device_id only
+    metrics_port: int | None = None  # Prometheus /metrics (augsvc serve only); 0: any
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
@@ -54,6 +55,11 @@ class ServerConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None:
+            if not 0 <= self.metrics_port <= 65535:
+                raise ValueError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
+            if self.metrics_port == self.port != 0:
+                raise ValueError(f"the metrics port must differ from the port ({self.port})")
         for name in ("workers", "max_streams", "max_batch_size", "prefetch", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
