@@ -159,6 +159,13 @@ def test_refusals_and_unsent_batches_are_counted(jpeg_folder: Path) -> None:
         assert value(ended, "augsvc_active_streams") == 0
         assert value(ended, "augsvc_streams_total", outcome="done") == 0
 
+        (metrics,) = set(server.pids()) - set(worker_pids(server))
+        os.kill(metrics, signal.SIGKILL)  # a new metrics process serves the same sums
+        again = wait_for(lambda: set(server.pids()) - set(worker_pids(server)) - {metrics},
+                         10, "a new metrics process")
+        assert scrape(server) == ended and again
+        assert "the metrics process exited with code -9; starting a new one" in server.stderr()
+
 
 def test_gpu_memory_is_left_out_where_nvml_cannot_be_read(jpeg_folder: Path) -> None:
     """--device gpu without NVML (or without these GPUs): no GPU series, one warning."""

@@ -37,14 +37,14 @@ from prometheus_client import CollectorRegistry, MetricsHandler, multiprocess, v
 from augsvc.server.config import address
 from augsvc.server.nvml import GpuMemoryCollector
 
-__all__ = ["MIN_LIFETIME", "NAME", "PATH", "MetricsExporter"]
+__all__ = ["NAME", "PATH", "MetricsExporter"]
 
 log = logging.getLogger("augsvc.server")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 PATH = "/metrics"
 NAME = "augsvc-metrics"  # the process's name (Linux: ps, top, /proc/PID/comm)
-MIN_LIFETIME = 10.0  # seconds: a metrics process that dies younger is not started again
+EXIT_WINDOW, MAX_EXITS = 60.0, 3  # this many exits of the metrics process within the window
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -75,7 +75,7 @@ class MetricsExporter:
         values.ValueClass = values.get_value_class()  # whoever imported prometheus_client first
         self._gpus = tuple(gpus)
         self.process: multiprocessing.process.BaseProcess | None = None
-        self._started = 0.0
+        self._exits: list[float] = []
 
     def start(self, ctx: multiprocessing.context.BaseContext,
               prepare: Callable[[], None]) -> None:
@@ -84,18 +84,19 @@ class MetricsExporter:
         self.process = ctx.Process(target=_serve, name=NAME,
                                    args=(self.socket, self.directory, self._gpus, prepare))
         self.process.start()
-        self._started = time.monotonic()
 
     def exited(self, ctx: multiprocessing.context.BaseContext,
                prepare: Callable[[], None]) -> None:
-        """The serving process died: start another, unless it died young (then /metrics
-        stays off: something is wrong with it, and the workers matter more)."""
+        """The serving process died: start another on the same port, unless it died
+        `MAX_EXITS` times within `EXIT_WINDOW` s (then /metrics stays off: the workers
+        matter more)."""
         assert self.process is not None
         self.process.join()
-        code, lived = self.process.exitcode, time.monotonic() - self._started
-        if lived < MIN_LIFETIME:
-            log.error("the metrics process exited with code %s after %.1f s; /metrics is off",
-                      code, lived)
+        code, now = self.process.exitcode, time.monotonic()
+        self._exits = [t for t in self._exits if now - t < EXIT_WINDOW] + [now]
+        if len(self._exits) >= MAX_EXITS:
+            log.error("the metrics process exited with code %s, %d times within %g s; "
+                      "/metrics is off", code, len(self._exits), EXIT_WINDOW)
             self.process = None
             return
         log.error("the metrics process exited with code %s; starting a new one", code)
