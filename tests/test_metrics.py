@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +22,14 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import REPO_ROOT, ServerProcess, running_server
+from support import requires_gpu
 from test_server import FAST, connect, fetch, rpc_error, stream_request, wait_for
 
 from augsvc import wire
 from augsvc.core.spec import AugmentSpec
 from augsvc.server import ServerConfig, exporter
 from augsvc.server.metrics import BATCH_OUTCOMES, REFUSAL_REASONS, STAGES
-from augsvc.server.nvml import GpuMemoryCollector
+from augsvc.server.nvml import GpuMemoryCollector, Nvml
 from augsvc.wire._proto import augment_pb2 as pb
 
 MiB = 1 << 20
@@ -207,3 +209,24 @@ def test_nvml_collector_without_the_library_yields_nothing(caplog: pytest.LogCap
     assert [r.getMessage() for r in caplog.records] == [
         "no GPU memory in /metrics: cannot load libnvidia-ml-not-here.so.1: "
         "libnvidia-ml-not-here.so.1: cannot open shared object file: No such file or directory"]
+
+
+@requires_gpu
+def test_nvml_reads_what_nvidia_smi_shows() -> None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        pytest.skip("needs nvidia-smi beside the driver")
+    out = subprocess.run([smi, "--query-gpu=index,uuid,memory.total",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    nvml = Nvml()
+    for line in out.strip().splitlines():
+        index, uuid, total_mib = (field.strip() for field in line.split(","))
+        handle = nvml.handle(index)
+        assert nvml.uuid(handle) == uuid and nvml.uuid(nvml.handle(uuid)) == uuid
+        used, total = nvml.memory(handle)
+        assert abs(total / MiB - int(total_mib)) < 1 and 0 < used <= total
+    used_family, total_family = GpuMemoryCollector(["0"]).collect()
+    (sample,) = used_family.samples
+    assert sample.labels["gpu"] == "0" and sample.labels["uuid"].startswith("GPU-")
+    assert 0 < sample.value <= total_family.samples[0].value
