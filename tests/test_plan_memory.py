@@ -132,7 +132,7 @@ def test_an_order_larger_than_the_budget_is_refused(tmp_path: Path) -> None:
     pool = PipelinePool(device="cpu", device_id=0, dali_threads=1, io_threads=1, max_idle=0,
                         max_memory=1 << 20, depth=1, cache=cache)
     servicer = AugmentServicer(catalog, pool, Admission(1), max_batch_size=8, cache=cache,
-                               stall_timeout=0)
+                               stall_timeout=0, metrics=pool.metrics)
     try:
         servicer.orders = OrderCache(max_bytes=8 * 4 - 1)  # ...but the budget is under 4
         req = pb.StreamBatchesRequest(dataset="skewed", seed=0, batch_size=1, balance=True,

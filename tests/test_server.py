@@ -406,9 +406,9 @@ def test_pipeline_pool_shares_and_keeps_pipelines(jpeg_folder: Path) -> None:
         assert first.scheduler is second.scheduler  # same power-of-two bucket: shared
         assert first.scheduler.key == ("photos", SMALL, "cpu", 4)
         for work in (first, second):
-            _, frames, charge = work.take()
-            assert frames and charge.nbytes == sum(map(len, frames))
-            work.sent(charge)
+            made = work.take()
+            assert made.frames and made.charge.nbytes == sum(map(len, made.frames))
+            work.sent(made.charge)
             work.close()
         assert pool.built == 1 and pool.budget.used == 0
         other = pool.attach(job(SMALL.replace(p_hflip=0.0), 4), [0])

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Worker processes share one port (SO_REUSEPORT); each has its own DALI pipelines. "
         "On start one line goes to stdout:\n"
         "  augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)\n"
-        "(with --health-port: `..., workers=<w>, health_port=<p>)`).\n"
+        "(with --health-port and --metrics-port: `..., workers=<w>, health_port=<p>, "
+        "metrics_port=<q>)`, each part only with its option).\n"
         "SIGINT (Ctrl-C) or SIGTERM stops gracefully: health turns NOT_SERVING, new streams "
         "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
         "second signal cancels them. Exit code 0 after a clean stop.\n\n"
@@ -55,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "tokens (Kubernetes' gRPC probes with --tls-cert on). It reports what the "
                      "main port reports, NOT_SERVING while draining included; 0 picks a free "
                      "one, printed on the serving line (default: none)")
+    net.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                     help="serve Prometheus metrics at http://HOST:N/metrics (same --host; "
+                     "plain HTTP, no token): images, bytes and batches sent, refusals, "
+                     "latency, memory, worker restarts, GPU memory; the sums over every "
+                     "worker. 0 picks a free port, printed on the serving line (default: "
+                     "none)")
     work = p.add_argument_group("processing")
     work.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                       help="where DALI runs: gpu (nvJPEG decode + CUDA kernels), cpu, or auto: "
@@ -224,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             grace=args.grace,
             stall_timeout=args.stall_timeout,
             max_memory=_memory_size(args.max_memory),
+            metrics_port=args.metrics_port,
             gpus=parse_gpus(args.gpus) if args.gpus is not None else (),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

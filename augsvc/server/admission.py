@@ -26,6 +26,8 @@ from typing import Any
 
 import grpc
 
+from augsvc.server.metrics import ServerMetrics
+
 __all__ = ["PENDING_TTL", "Admission", "AdmissionInterceptor", "Refused"]
 
 PENDING_TTL = 10.0  # seconds an admitted call may take to reach its handler
@@ -40,10 +42,12 @@ class Refused(Exception):
 
 
 class Admission:
-    """Counts running streams against `max_streams`; refuses everything while draining."""
+    """Counts running streams against `max_streams`; refuses everything while draining.
+    `metrics` gets the running streams and every refusal."""
 
-    def __init__(self, max_streams: int) -> None:
+    def __init__(self, max_streams: int, metrics: ServerMetrics | None = None) -> None:
         self.max_streams = max_streams
+        self.metrics = metrics if metrics is not None else ServerMetrics()
         self.cond = threading.Condition()
         self.active = 0
         self.refusing = False
@@ -52,10 +56,12 @@ class Admission:
 
     def _refusal(self) -> Refused | None:
         if self.refusing:
+            self.metrics.refusal("draining")
             return Refused(grpc.StatusCode.UNAVAILABLE,
                            "the server is shutting down; retry on another server")
         if self.active + len(self._pending) >= self.max_streams:
             self.refused += 1
+            self.metrics.refusal("max_streams")
             return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"too many concurrent streams: this server process runs at most "
                            f"{self.max_streams}; retry later, use another server, or raise "
@@ -82,12 +88,14 @@ class Admission:
             if refusal is not None:
                 raise refusal
             self.active += 1
+            self.metrics.active.set(self.active)
         released = threading.Lock()
 
         def release() -> None:
             if released.acquire(blocking=False):
                 with self.cond:
                     self.active -= 1
+                    self.metrics.active.set(self.active)
                     self.cond.notify_all()
 
         return release

@@ -28,6 +28,7 @@ from augsvc.server.auth import TokenInterceptor
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
+from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.servicer import AugmentServicer
 
@@ -79,6 +80,7 @@ class AugmentServer:
                         else load_catalog(config.datasets, config.stats_files))
         cache = BatchCache(config.batch_cache_mb << 20)
         max_memory = config.resolved_max_memory()
+        self.metrics = ServerMetrics(self.catalog)
         self.pool = PipelinePool(
             device=config.resolved_device(),
             device_id=config.device_id,
@@ -89,11 +91,13 @@ class AugmentServer:
             depth=config.prefetch,
             cache=cache,
             max_batch_size=config.max_batch_size,
+            metrics=self.metrics,
         )
-        self.admission = Admission(config.max_streams)
+        self.admission = Admission(config.max_streams, self.metrics)
         self.servicer = AugmentServicer(self.catalog, self.pool, self.admission,
                                         max_batch_size=config.max_batch_size, cache=cache,
-                                        stall_timeout=config.stall_timeout)
+                                        stall_timeout=config.stall_timeout,
+                                        metrics=self.metrics)
         log.debug("memory for prefetched batches: %.0f MiB (--max-memory)", max_memory / 2**20)
         self._executors = [
             futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),

@@ -39,6 +39,7 @@ class ServerConfig:
     stall_timeout: float = 60.0  # a stream whose client reads nothing this long is cancelled
     max_memory: int | None = None  # bytes of prefetched batches per worker; None: from the host
     gpus: tuple[int, ...] = ()  # one worker group per GPU (--workers each); (): device_id only
+    metrics_port: int | None = None  # Prometheus /metrics (augsvc serve only); 0: any
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
@@ -60,11 +61,17 @@ class ServerConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.health_port is not None:
-            if not 0 <= self.health_port <= 65535:
-                raise ValueError(f"health port must be in [0, 65535], got {self.health_port}")
-            if self.health_port == self.port != 0:
-                raise ValueError(f"the health port must differ from the port ({self.port})")
+        for name, value in (("health port", self.health_port),
+                            ("metrics port", self.metrics_port)):
+            if value is None:
+                continue
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")
+            if value == self.port != 0:
+                raise ValueError(f"the {name} must differ from the port ({self.port})")
+        if self.health_port == self.metrics_port and self.health_port:
+            raise ValueError(f"the health port and the metrics port must differ "
+                             f"({self.health_port})")
         for name in ("workers", "max_streams", "max_batch_size", "prefetch", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

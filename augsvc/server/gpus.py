@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["parse_gpus", "pin_to_gpu", "visible_gpus", "worker_gpu"]
+__all__ = ["parse_gpus", "pin_to_gpu", "served_gpus", "visible_gpus", "worker_gpu"]
 
 _VISIBLE = "CUDA_VISIBLE_DEVICES"
 
@@ -53,6 +53,13 @@ def parse_gpus(text: str) -> tuple[int, ...]:
 def worker_gpu(slot: int, workers: int, gpus: tuple[int, ...]) -> int | None:
     """The GPU index of worker `slot` (None without --gpus)."""
     return gpus[slot // workers] if gpus else None
+
+
+def served_gpus(gpus: tuple[int, ...], device_id: int) -> list[str]:
+    """The `CUDA_VISIBLE_DEVICES` entries of the GPUs the workers use: `gpus`, or the one
+    `device_id` names."""
+    visible = visible_gpus()
+    return [visible[i] if i < len(visible) else str(i) for i in gpus or (device_id,)]
 
 
 def pin_to_gpu(gpu: int) -> str:

@@ -19,6 +19,7 @@ import functools
 import platform
 import sys
 from pathlib import Path
+from typing import Protocol
 
 __all__ = ["DEFAULT_SHARE", "MIN_DEFAULT", "Charge", "MemoryBudget", "available_memory",
            "default_max_memory", "release_free_memory"]
@@ -65,6 +66,10 @@ def default_max_memory(processes: int) -> int:
     return max(MIN_DEFAULT, int(available * DEFAULT_SHARE) // max(1, processes))
 
 
+class _Settable(Protocol):
+    def set(self, value: float) -> None: ...
+
+
 class Charge:
     """Bytes charged to a `MemoryBudget`."""
 
@@ -78,30 +83,38 @@ class MemoryBudget:
     """Bytes of batches held against `limit`. When nothing is held, one batch of any size
     fits, so a small budget slows streams down but never stops them; a charge can also be
     forced past the limit (see `StreamWork`). The caller holds the lock that guards it
-    (the worker's scheduling lock)."""
+    (the worker's scheduling lock). `gauge` (e.g. a Prometheus gauge) is set to the
+    bytes held at every change."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, gauge: _Settable | None = None) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self._gauge = gauge
+
+    def _changed(self, delta: int) -> None:
+        if not delta:
+            return
+        self.used += delta
+        self.peak = max(self.peak, self.used)
+        if self._gauge is not None:
+            self._gauge.set(self.used)
 
     def charge(self, nbytes: int, force: bool = False) -> Charge | None:
         """Charge `nbytes` if they fit (or `force`), else None."""
         if self.used and self.used + nbytes > self.limit and not force:
             return None
-        self.used += nbytes
-        self.peak = max(self.peak, self.used)
+        self._changed(nbytes)
         return Charge(nbytes)
 
     def resize(self, charge: Charge, nbytes: int) -> None:
         """Correct a charge to the size the batch turned out to have."""
-        self.used += nbytes - charge.nbytes
+        self._changed(nbytes - charge.nbytes)
         charge.nbytes = nbytes
-        self.peak = max(self.peak, self.used)
 
     def release(self, charge: Charge) -> None:
         """Give a charge back (once; releasing it again does nothing)."""
-        self.used -= charge.nbytes
+        self._changed(-charge.nbytes)
         charge.nbytes = 0
 
 

@@ -21,6 +21,7 @@ from augsvc.engine.augmenter import Augmenter
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import DatasetEntry
 from augsvc.server.memory import MemoryBudget
+from augsvc.server.metrics import ServerMetrics
 from augsvc.server.producer import Job, StreamWork
 from augsvc.server.scheduler import Scheduler
 
@@ -35,18 +36,22 @@ class PipelinePool:
     """Shared pipelines keyed by (dataset, spec, device, max batch size) (module doc).
 
     `depth` is how many batches a stream may have made ahead of its handler;
-    `max_memory` the budget of every stream's batches together, in bytes.
+    `max_memory` the budget of every stream's batches together, in bytes. `metrics`
+    gets the pipelines kept and built, the bytes held and the batches' queue and
+    pipeline times.
     """
 
     def __init__(self, *, device: str, device_id: int, dali_threads: int, io_threads: int,
                  max_idle: int, max_memory: int, depth: int, cache: BatchCache,
-                 max_batch_size: int = 1 << 30) -> None:
+                 max_batch_size: int = 1 << 30, metrics: ServerMetrics | None = None) -> None:
         self.device, self.device_id = device, device_id
         self.dali_threads, self.io_threads = dali_threads, io_threads
         self.max_idle, self.max_batch_size, self.depth = max_idle, max_batch_size, depth
         self.cache = cache
         self.lock = threading.Lock()
-        self.budget = MemoryBudget(max_memory)
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.metrics.prefetch_limit.set(max_memory)
+        self.budget = MemoryBudget(max_memory, gauge=self.metrics.prefetched)
         self._schedulers: dict[PoolKey, Scheduler] = {}
         self._exiting: set[Scheduler] = set()  # closed, finishing their last batches
         self._closed = False
@@ -71,8 +76,10 @@ class PipelinePool:
                 build = functools.partial(self._build, job.entry, request.spec, job.stats, key[3])
                 scheduler = Scheduler(key, build, lock=self.lock, budget=self.budget,
                                       cache=self.cache, on_exit=self._exited,
-                                      on_idle=self._evict_idle, wake_all=self._wake_all)
+                                      on_idle=self._evict_idle, wake_all=self._wake_all,
+                                      metrics=self.metrics)
                 self._schedulers[key] = scheduler
+                self._count_pipelines()
                 scheduler.start()
             scheduler.attach(work)
         return work
@@ -91,6 +98,7 @@ class PipelinePool:
         )
         with self.lock:
             self.built += 1
+        self.metrics.pipelines_built.inc()
         log.debug("built a %s pipeline for %s (max batch %d) in %.2f s", self.device,
                   entry.name, cap, time.monotonic() - started)
         return augmenter
@@ -112,11 +120,15 @@ class PipelinePool:
         self._exiting.add(scheduler)
         scheduler.close()
 
+    def _count_pipelines(self) -> None:  # lock held
+        self.metrics.pipelines.set(len(self._schedulers) + len(self._exiting))
+
     def _exited(self, scheduler: Scheduler, error: BaseException | None) -> None:
         with self.lock:
             self._exiting.discard(scheduler)
             if self._schedulers.get(scheduler.key) is scheduler:
                 del self._schedulers[scheduler.key]
+            self._count_pipelines()
             for work in scheduler.streams:
                 work._fail(error or RuntimeError("the pipeline stopped"))
 

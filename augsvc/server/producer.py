@@ -17,9 +17,10 @@ its own other streams wait for good.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from augsvc.wire.convert import StreamRequest
 if TYPE_CHECKING:
     from augsvc.server.scheduler import Scheduler
 
-__all__ = ["Job", "StreamWork"]
+__all__ = ["Job", "Made", "StreamWork"]
 
 HEADER_BYTES_PER_SAMPLE = 64  # generous: a BatchHeader holds ~3 varints per sample
 
@@ -60,6 +61,16 @@ class Job:
         return n * (h * w * 3 * np.dtype(spec.dtype).itemsize + HEADER_BYTES_PER_SAMPLE) + 4096
 
 
+class Made(NamedTuple):
+    """A batch made for a stream: its index, frames, memory charge, and when it was done
+    (`time.monotonic()`)."""
+
+    k: int
+    frames: tuple[bytes, ...]
+    charge: Charge
+    at: float
+
+
 class StreamWork:
     """One stream's batches between the scheduler (`todo` -> `ready`) and its handler;
     `client` names who asked (the peer: one connection), for the scheduler's fairness.
@@ -73,8 +84,10 @@ class StreamWork:
                  lock: threading.Lock, budget: MemoryBudget) -> None:
         self.job, self.client, self.depth, self.estimate = job, client, depth, job.batch_bytes()
         self.todo = deque(todo)  # batches still to start, in the order they are sent
-        self.ready: deque[tuple[int, tuple[bytes, ...], Charge]] = deque()
+        self.ready: deque[Made] = deque()
         self.ahead = 0  # batches started or ready, not yet taken by the handler
+        # since when it may start one more batch (`ahead` < `depth`; for the queue time)
+        self.due_since: float | None = None
         self._held: set[Charge] = set()  # of the ready batches and the one being sent
         self.closed = False
         self.waiting = False  # the handler waits for a batch, none is ready or being made
@@ -86,9 +99,9 @@ class StreamWork:
 
     # --- the handler's side
 
-    def take(self) -> tuple[int, tuple[bytes, ...], Charge] | None:
-        """The next batch's (k, frames, charge), waiting for it; None once closed;
-        re-raises the error that stopped the pipeline."""
+    def take(self) -> Made | None:
+        """The next batch, waiting for it; None once closed; re-raises the error that
+        stopped the pipeline."""
         with self._cond:
             while not self.ready:
                 if self.failure is not None:
@@ -101,6 +114,8 @@ class StreamWork:
                 self._cond.wait()
             self.waiting = False
             item = self.ready.popleft()
+            if self.ahead == self.depth:
+                self.due_since = time.monotonic()
             self.ahead -= 1
             self._wake_schedulers()
             return item
@@ -149,7 +164,7 @@ class StreamWork:
             return
         self._budget.resize(charge, sum(len(f) for f in frames))
         self._held.add(charge)
-        self.ready.append((k, frames, charge))
+        self.ready.append(Made(k, frames, charge, time.monotonic()))
         self._cond.notify_all()
 
     def _fail(self, exc: BaseException) -> None:

@@ -32,6 +32,7 @@ from augsvc import wire
 from augsvc.engine.augmenter import AugmentedBatch, Augmenter, StartedBatch
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.memory import Charge, MemoryBudget
+from augsvc.server.metrics import ServerMetrics
 from augsvc.server.producer import Job, StreamWork
 
 __all__ = ["IN_FLIGHT", "Scheduler"]
@@ -49,6 +50,7 @@ class _Started:
     charge: Charge  # its memory in the worker's budget
     started: StartedBatch | None  # None: `frames` came from the batch cache
     frames: tuple[bytes, ...] | None = None
+    at: float = 0.0  # when it was started (time.monotonic())
 
 
 class Scheduler:
@@ -57,18 +59,19 @@ class Scheduler:
     `build` makes the Augmenter (on the scheduler's thread, so no handler waits for it);
     `on_exit(scheduler, error)` tells the pool the thread ended, `on_idle()` that the
     last stream left; `wake_all` wakes every scheduler of the worker (memory was given
-    back). All state, the budget's included,
-    is guarded by `lock`, the worker's scheduling lock.
+    back); `metrics` gets each batch's queue and pipeline time. All state, the budget's
+    included, is guarded by `lock`, the worker's scheduling lock.
     """
 
     def __init__(self, key: Hashable, build: Callable[[], Augmenter], *,
                  lock: threading.Lock, budget: MemoryBudget, cache: BatchCache,
                  on_exit: Callable[[Scheduler, BaseException | None], None],
-                 on_idle: Callable[[], None], wake_all: Callable[[], None]) -> None:
+                 on_idle: Callable[[], None], wake_all: Callable[[], None],
+                 metrics: ServerMetrics) -> None:
         self.key = key
         self._build, self._cache, self._on_exit, self.pool_wake = build, cache, on_exit, wake_all
         self._on_idle = on_idle
-        self._budget = budget
+        self._budget, self._metrics = budget, metrics
         self._cond = threading.Condition(lock)
         self.streams: list[StreamWork] = []
         self.idle_since = time.monotonic()
@@ -88,6 +91,7 @@ class Scheduler:
         self._served[work.client] = max(self._served.pop(work.client, 0), level)
         while len(self._served) > CLIENTS_KEPT:
             self._served.popitem(last=False)  # least recently attached
+        work.due_since = time.monotonic()
         self.streams.append(work)
         self._cond.notify()
 
@@ -115,6 +119,10 @@ class Scheduler:
             if charge is not None:
                 self._served[work.client] += work.job.request.batch_size
                 work.ahead += 1
+                now = time.monotonic()
+                if work.due_since is not None:
+                    self._metrics.stage("queue", now - work.due_since)
+                work.due_since = now if work.ahead < work.depth else None
                 return work, work.todo.popleft(), charge
         return None
 
@@ -163,10 +171,11 @@ class Scheduler:
         frames = self._cache.get(job.cache_key(k))
         if frames is not None:
             return _Started(work, k, charge, None, frames)
+        at = time.monotonic()
         batch = job.plan.batch(k, job.request.rank)
         started = augmenter.start(job.request.seed, job.request.epoch, batch.sample_ids,
                                   batch.draw_ids)
-        return _Started(work, k, charge, started)
+        return _Started(work, k, charge, started, at=at)
 
     def _finish(self, augmenter: Augmenter, item: _Started) -> None:
         frames = item.frames
@@ -180,6 +189,7 @@ class Scheduler:
                     self._budget.release(item.charge)
                 return
             del result  # DALI's output buffer is free for reuse from here
+            self._metrics.stage("pipeline", time.monotonic() - item.at)
             self._cache.put(item.work.job.cache_key(item.k), frames)
         with self._cond:
             self.batches += 1

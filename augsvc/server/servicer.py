@@ -27,6 +27,7 @@ from augsvc.core.stats import DatasetStats
 from augsvc.server.admission import Admission, Refused
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, DatasetEntry
+from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.plans import OrderCache, plan_budget
 from augsvc.server.producer import Job
@@ -62,8 +63,10 @@ class AugmentServicer(pb_grpc.AugmentServicer):
     `augsvc.wire.add_augment_servicer`: StreamBatches yields pre-encoded frames)."""
 
     def __init__(self, catalog: Catalog, pool: PipelinePool, admission: Admission, *,
-                 max_batch_size: int, cache: BatchCache, stall_timeout: float) -> None:
+                 max_batch_size: int, cache: BatchCache, stall_timeout: float,
+                 metrics: ServerMetrics) -> None:
         self.catalog, self.pool, self.admission, self.cache = catalog, pool, admission, cache
+        self.metrics = metrics
         self.orders = OrderCache(plan_budget(len(e.index) for e in catalog.values()))
         self.max_batch_size = max_batch_size
         self.watchdog = Watchdog(stall_timeout, idle=lambda: admission.active == 0,
@@ -142,6 +145,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         except _Abort as abort:
             log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
                      abort.details)
+            self.metrics.validation_refusal(abort.code)
             context.abort(abort.code, abort.details)
         req, peer = job.request, context.peer()
         watched = self.watchdog.watch(context)
@@ -155,6 +159,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             log.info("stream from %s %s: %s, %d of %d batch(es) of %d in %.2f s", peer,
                      outcome, req.dataset, sent, total, req.batch_size,
                      time.monotonic() - started)
+            self.metrics.stream_ended(outcome, total=total, sent=sent,
+                                      failed=progress["failed"])
 
         if not context.add_callback(finished):
             finished()
@@ -167,12 +173,12 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                 if not context.add_callback(work.close):
                     work.close()
             for frames in cached:
-                charge = None
+                charge, since = None, time.monotonic()
                 if frames is None:
-                    item = work.take()
-                    if item is None:  # the call was cancelled or the server stopped
+                    made = work.take()
+                    if made is None:  # the call was cancelled or the server stopped
                         return
-                    _, frames, charge = item
+                    frames, charge, since = made.frames, made.charge, made.at
                 for frame in frames:
                     watched.blocked_since = time.monotonic()
                     yield frame
@@ -180,6 +186,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                 if work is not None:
                     work.sent(charge)
                 progress["sent"] += 1
+                self.metrics.stage("send", time.monotonic() - since)
+                self.metrics.batch_sent(req.dataset, frames)
         except Exception as exc:
             progress["failed"] = True
             log.exception("stream from %s failed at batch %d of %d (dataset %s)", peer,
