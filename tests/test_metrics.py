@@ -23,12 +23,28 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import REPO_ROOT, ServerProcess, running_server
 from support import requires_gpu
-from test_server import FAST, connect, fetch, rpc_error, stream_request, wait_for
+from test_server import (
+    FAST,
+    SERVING,
+    SMALL,
+    connect,
+    fetch,
+    health_status,
+    rpc_error,
+    stream_request,
+    wait_for,
+)
 
 from augsvc import wire
 from augsvc.core.spec import AugmentSpec
 from augsvc.server import ServerConfig, exporter
-from augsvc.server.metrics import BATCH_OUTCOMES, REFUSAL_REASONS, STAGES
+from augsvc.server.metrics import (
+    BATCH_OUTCOMES,
+    REFUSAL_REASONS,
+    SAMPLE_REASONS,
+    STAGES,
+    sample_reason,
+)
 from augsvc.server.nvml import GpuMemoryCollector, Nvml
 from augsvc.wire._proto import augment_pb2 as pb
 
@@ -167,6 +183,34 @@ def test_refusals_and_unsent_batches_are_counted(jpeg_folder: Path) -> None:
                          10, "a new metrics process")
         assert scrape(server) == ended and again
         assert "the metrics process exited with code -9; starting a new one" in server.stderr()
+
+
+def test_substituted_and_dropped_samples_are_counted_by_reason(corrupt_folder: Path) -> None:
+    """An epoch of the corrupt folder with each policy: the counts by reason equal what the
+    batch headers reported; --health-port beside --metrics-port: both on the serving line."""
+    with running_server({"corrupt": corrupt_folder}, *FAST, "--metrics-port", "0",
+                        "--health-port", "0") as server:
+        assert None not in (server.health_port, server.metrics_port)
+        assert len({server.port, server.health_port, server.metrics_port}) == 3
+        with connect(f"{server.host}:{server.health_port}") as channel:
+            assert health_status(channel) == SERVING
+        reported = {"substituted": [], "dropped": []}
+        with connect(server.address) as channel:
+            for policy, field in (("substitute", "substituted"), ("drop", "dropped")):
+                spec = SMALL.replace(corrupt=policy)
+                for batch in fetch(channel, stream_request("corrupt", spec, batch_size=4,
+                                                           batches=[])):
+                    reported[field] += [sample_reason(s.reason)
+                                        for s in getattr(batch.header, field)]
+        assert sorted(reported["substituted"]) == sorted(reported["dropped"]) == [
+            "invalid", "undecodable"]  # a truncated file, one DALI cannot decode
+        samples = wait_for(lambda: (s := scrape(server)) and value(
+            s, "augsvc_streams_total", outcome="done") == 2 and s, 10, "both streams' end")
+        for field in reported:
+            for reason in SAMPLE_REASONS:
+                assert value(samples, f"augsvc_{field}_samples_total", reason=reason) == \
+                    reported[field].count(reason), (field, reason)
+        assert server.stop() == 0
 
 
 def test_gpu_memory_is_left_out_where_nvml_cannot_be_read(jpeg_folder: Path) -> None:

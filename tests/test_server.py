@@ -136,30 +136,6 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> obje
 # fixtures
 
 
-def _undecodable(jpeg: bytes) -> bytes:
-    """A JPEG with intact markers and EOI whose frame header names an undefined
-    quantisation table: it passes indexing and the byte screen, and fails in DALI."""
-    data = bytearray(jpeg)
-    pos = 2
-    while data[pos + 1] not in (0xC0, 0xC1, 0xC2):
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    for c in range(data[pos + 9]):
-        data[pos + 10 + 3 * c + 2] = 3
-    return bytes(data)
-
-
-@pytest.fixture(scope="module")
-def corrupt_folder(jpeg_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """jpeg_folder's images, one truncated and one undecodable."""
-    root = tmp_path_factory.mktemp("corrupt") / "data"
-    shutil.copytree(jpeg_folder, root, ignore=shutil.ignore_patterns(".*"))
-    truncated = root / "class_01" / "img_0002.jpg"
-    truncated.write_bytes(truncated.read_bytes()[:4000])
-    broken = root / "class_02" / "img_0001.jpg"
-    broken.write_bytes(_undecodable(broken.read_bytes()))
-    return root
-
-
 @pytest.fixture(scope="module")
 def server(jpeg_folder: Path, corrupt_folder: Path) -> Iterator[ServerProcess]:
     with running_server({"photos": jpeg_folder, "corrupt": corrupt_folder}, *FAST,

@@ -125,6 +125,8 @@ class ServerMetrics:
         self.batches.labels("sent").inc()
         for sample in header.dropped:
             self.dropped.labels(sample_reason(sample.reason)).inc()
+        for substitution in header.substituted:
+            self.substituted.labels(sample_reason(substitution.reason)).inc()
 
     def stream_ended(self, outcome: str, *, total: int, sent: int, failed: bool) -> None:
         """An admitted stream ended: its outcome, and its batches that were not sent."""
