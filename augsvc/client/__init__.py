@@ -3,9 +3,11 @@
 `loader` is the public surface; `state` its epoch arithmetic and resume state; `streams`,
 `schedule` and `servers` the stream threads, reordering and failover behind it;
 `torch_output` the optional torch tensors; `memory` the malloc tuning. The client never
-imports DALI, PIL or matplotlib (an import-linter contract holds this).
+imports DALI, PIL or matplotlib (an import-linter contract holds this). `quiet`, imported
+first, keeps gRPC core's log lines off stderr unless GRPC_VERBOSITY asks for them.
 """
 
+from augsvc.client import quiet  # noqa: F401  (first: before grpc is imported)
 from augsvc.client.errors import AugsvcError
 from augsvc.client.loader import AugmentLoader
 from augsvc.client.meta import BatchMeta

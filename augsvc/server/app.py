@@ -26,6 +26,7 @@ from augsvc import wire
 from augsvc.server.auth import TokenInterceptor
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
+from augsvc.server.logs import limit_grpc_logs
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.servicer import AugmentServicer
 
@@ -70,8 +71,10 @@ class AugmentServer:
         reuse_port: bool = False,
     ) -> None:
         self.config = config.validate()
+        limit_grpc_logs()
         self.catalog = (catalog if catalog is not None
-                        else load_catalog(config.datasets, config.stats_files))
+                        else load_catalog(config.datasets, config.stats_files,
+                                          allow_outside=config.allow_outside_root))
         self.pool = PipelinePool(
             device=config.resolved_device(),
             device_id=config.device_id,
