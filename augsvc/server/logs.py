@@ -4,7 +4,9 @@
   streams at INFO, one line per finished stream at DEBUG), passes through a `RateLimit`:
   the first `burst` lines of a kind, then at most one per `interval` seconds carrying the
   count of those left out. A line's kind is its `limit_key` extra (e.g. the status
-  code), else its format string, never client input.
+  code), else its format string up to the first ":" (grpcio formats its messages before
+  logging them: "Exception iterating responses: <the exception>"); at most `MAX_KINDS`
+  kinds are told apart, the rest share one.
 * `limit_grpc_logs()` puts the same limit on grpcio's Python loggers, which log a full
   traceback at ERROR for every request message that cannot be deserialized
   ("Exception deserializing request!": the traceback is reduced to the exception's
@@ -28,6 +30,7 @@ __all__ = ["FORMATS", "JsonFormatter", "RateLimit", "configure", "limit_grpc_log
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s augsvc[%(process)d] %(levelname)s %(name)s: %(message)s"
+MAX_KINDS = 256
 GRPC_LOGGERS = {"grpc._common": False, "grpc._server": True, "grpc._cython.cygrpc": True}
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "limit_key"}
@@ -49,9 +52,12 @@ class RateLimit(logging.Filter):
         self._kinds: dict[tuple[str, object], list] = {}  # [seen, left out, last passed]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, getattr(record, "limit_key", record.msg))
+        key = (record.name, getattr(record, "limit_key", None)
+               or str(record.msg).split(":", 1)[0][:200])
         now = self._clock()
         with self._lock:
+            if key not in self._kinds and len(self._kinds) >= MAX_KINDS:
+                key = (record.name, "")
             state = self._kinds.setdefault(key, [0, 0, -float("inf")])
             state[0] += 1
             seen, left_out, last = state
