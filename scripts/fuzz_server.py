@@ -121,10 +121,9 @@ class Server:
         return total / 1024
 
     def stop(self) -> tuple[int, float]:
-        """SIGTERM, wait (SIGKILL after 30 s); (exit code, seconds it took)."""
+        """SIGTERM to the parent, wait (SIGKILL the group after 30 s); (exit code, seconds)."""
         started = time.monotonic()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -221,7 +220,7 @@ def _hostile_name(rng: random.Random) -> Request:
         return "names", method, b"\x0a\x04fu\xc3\x28", MAX_FRAMES
     if where == "get":
         body = pb.GetDatasetRequest(name=name, stats=rng.choice(("", "dataset", name)))
-        return "names", f"{SERVICE}/GetDataset", bytes_of(body), 1
+        return "names", f"{SERVICE}/GetDataset", body.SerializeToString(), 1
     request = _valid([0])
     if where == "dataset":
         request.dataset = name
@@ -229,11 +228,7 @@ def _hostile_name(rng: random.Random) -> Request:
         request.tail = name
     else:
         setattr(request.spec, "stats" if where == "stats" else "crop", name)
-    return "names", wire.STREAM_BATCHES_METHOD, bytes_of(request), MAX_FRAMES
-
-
-def bytes_of(message: pb.StreamBatchesRequest | pb.GetDatasetRequest) -> bytes:
-    return message.SerializeToString()
+    return "names", wire.STREAM_BATCHES_METHOD, request.SerializeToString(), MAX_FRAMES
 
 
 def make_request(rng: random.Random) -> Request:
@@ -242,12 +237,12 @@ def make_request(rng: random.Random) -> Request:
         method = rng.choice(METHODS)
         return kind, method, rng.randbytes(rng.choice((0, 1, 5, 50, 500, 5000))), MAX_FRAMES
     if kind == "fields":
-        return kind, wire.STREAM_BATCHES_METHOD, bytes_of(_random_fields(rng)), MAX_FRAMES
+        return kind, wire.STREAM_BATCHES_METHOD, _random_fields(rng).SerializeToString(), MAX_FRAMES
     if kind == "names":
         return _hostile_name(rng)
     if kind == "near":
-        return kind, wire.STREAM_BATCHES_METHOD, bytes_of(_near(rng)), MAX_FRAMES
-    return kind, wire.STREAM_BATCHES_METHOD, bytes_of(_valid([])), 1
+        return kind, wire.STREAM_BATCHES_METHOD, _near(rng).SerializeToString(), MAX_FRAMES
+    return kind, wire.STREAM_BATCHES_METHOD, _valid([]).SerializeToString(), 1
 
 
 # ---------------------------------------------------------------------------

@@ -35,8 +35,10 @@ def _secret_of_size(path: Path, size: int) -> Path:
     return path
 
 
-def _swap_after_indexing(index: DatasetIndex, outside: Path) -> dict[str, str]:
+def _swap_after_indexing(index: DatasetIndex, tmp_path: Path) -> dict[str, str]:
     """Replace images 0-4 of an indexed dataset; {relative path: expected reason start}."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
     paths = [Path(p) for p in index.paths[:5]]
     for p in paths:
         p.unlink()
@@ -69,11 +71,9 @@ def _assert_no_leak(dropped: list, root: Path) -> None:
 def test_engine_refuses_swapped_files_by_kind(
         tmp_dataset: MakeDataset, tmp_path: Path) -> None:
     root = tmp_dataset(per_class=4)
-    outside = tmp_path / "outside"
-    outside.mkdir()
     index = open_dataset(root)
     allowed = open_dataset(root, allow_outside=True)  # the same files, links may leave it
-    expected = _swap_after_indexing(index, outside)
+    expected = _swap_after_indexing(index, tmp_path)
     _grow(index.paths[5])
     expected[index.relpath(5)] = "changed since indexing: "
     engine = Augmenter(index, SPEC, IMAGENET, max_batch_size=8)
@@ -173,11 +173,9 @@ def _request(dataset: str, batch_size: int) -> pb.StreamBatchesRequest:
 def test_server_reports_swapped_files_by_kind_with_relative_paths(
         tmp_dataset: MakeDataset, tmp_path: Path) -> None:
     root = tmp_dataset(per_class=4)
-    outside = tmp_path / "outside"
-    outside.mkdir()
     index = open_dataset(root)
     with running_server({"d": root}, "--dali-threads", "1") as server:
-        expected = _swap_after_indexing(index, outside)
+        expected = _swap_after_indexing(index, tmp_path)
         channel = grpc.insecure_channel(server.address, options=wire.channel_options())
         stub = wire.AugmentStub(channel)
         for _ in range(3):  # a retry is answered the same (today: DEADLINE_EXCEEDED)
