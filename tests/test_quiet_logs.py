@@ -26,7 +26,7 @@ from augsvc.server.logs import RateLimit
 from augsvc.wire._proto import augment_pb2 as pb
 from augsvc.wire.convert import spec_to_proto
 
-SPEC = AugmentSpec(size=(32, 32), hsv=False, pca=False)
+SPEC = AugmentSpec(size=(32, 32), hsv=False, pca=False, corrupt="drop")  # dropped: reported
 GRPC_CORE_LINE = "chttp2_transport.cc"
 
 # A trainer process: streams from a gRPC server that the test stops with the call in

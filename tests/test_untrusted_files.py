@@ -23,7 +23,7 @@ from augsvc.engine.dataset import MAX_FILE_BYTES, DatasetIndex, open_dataset
 from augsvc.wire._proto import augment_pb2 as pb
 from augsvc.wire.convert import spec_to_proto
 
-SPEC = AugmentSpec(size=(32, 32), hsv=False, pca=False)
+SPEC = AugmentSpec(size=(32, 32), hsv=False, pca=False, corrupt="drop")  # dropped: reported
 SECRET = b"root:x:0:0:TOP-SECRET-LINE"
 OUTSIDE = "resolves outside the dataset root"
 MakeDataset = Callable[..., Path]
@@ -84,6 +84,13 @@ def test_engine_refuses_swapped_files_by_kind(
         assert reasons[rel].startswith(start), (rel, reasons[rel])
     _assert_no_leak(list(out.dropped), root)
     assert out.sample_ids.tolist() == [6, 7] and out.images.shape == (2, 32, 32, 3)
+    # substituted instead of dropped: reported the same way
+    subst = Augmenter(index, SPEC.replace(corrupt="substitute"), IMAGENET, max_batch_size=8)
+    result = subst.run(0, 0, range(8), range(8))
+    reported = [*result.substituted, *result.dropped]
+    assert {r.path for r in reported} == set(expected)
+    _assert_no_leak(reported, root)
+    subst.close()
     # allowed outside the root, the same-size secret is read, and still not echoed
     engine_out = Augmenter(allowed, SPEC, IMAGENET, max_batch_size=1).run(0, 0, [0], [0])
     (only,) = engine_out.dropped

@@ -2,7 +2,8 @@
 
 * `request_log`, the logger of per-request lines (logger `augsvc.server.requests`: refused
   streams at INFO, one line per finished stream at DEBUG), passes through a `RateLimit`:
-  the first `burst` lines of a kind, then at most one per `interval` seconds carrying the
+  DEBUG lines pass (asking for them is asking for one per stream); of the others, the
+  first `burst` lines of a kind, then at most one per `interval` seconds carrying the
   count of those left out. A line's kind is its `limit_key` extra (e.g. the status
   code), else its format string up to the first ":" (grpcio formats its messages before
   logging them: "Exception iterating responses: <the exception>"); at most `MAX_KINDS`
@@ -38,6 +39,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 
 class RateLimit(logging.Filter):
     """Per kind of line: the first `burst` pass, then one per `interval` s with a count.
+    DEBUG lines always pass.
 
     Tracebacks are kept in the first `burst` lines if `tracebacks`, else reduced to the
     exception's one-line summary.
@@ -52,6 +54,8 @@ class RateLimit(logging.Filter):
         self._kinds: dict[tuple[str, object], list] = {}  # [seen, left out, last passed]
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:  # asked for with --log-level debug: every line
+            return True
         key = (record.name, getattr(record, "limit_key", None)
                or str(record.msg).split(":", 1)[0][:200])
         now = self._clock()
