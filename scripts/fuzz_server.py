@@ -1,7 +1,7 @@
 """Fuzz a real `augsvc serve` with hostile requests, then check it never crashed and recovered.
 
     python scripts/fuzz_server.py [--requests 10000] [--workers 1] [--threads 8] [--seed 0]
-                                  [--json FILE] [--server-log FILE]
+                                  [--json FILE] [--server-log FILE] [--serve-args ARGS]
 
 Starts `augsvc serve` (CPU, loopback, port 0, `--max-batch-size 8`) on a small synthetic
 dataset, sends one normal request (the warm-up: the pipeline is built), records the
@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -80,12 +81,12 @@ INTS = (0, 1, 2, 3, 7, 8, 9, 255, 256, 2**31 - 1, 2**31, 2**32 - 1)
 class Server:
     """A running `augsvc serve`, its stderr in a file."""
 
-    def __init__(self, dataset: Path, workers: int, log: Path) -> None:
+    def __init__(self, dataset: Path, workers: int, log: Path, extra: list[str]) -> None:
         self.log = log
         cmd = [sys.executable, "-m", "augsvc", "serve", "--dataset", f"{DATASET}={dataset}",
                "--port", "0", "--device", "cpu", "--workers", str(workers),
                "--max-batch-size", "8", "--dali-threads", "1", "--io-threads", "2",
-               "--grace", "1"]
+               "--grace", "1", *extra]
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -329,7 +330,8 @@ def run(args: argparse.Namespace) -> dict:
     requests = [make_request(rng) for _ in range(args.requests)]
     with tempfile.TemporaryDirectory(prefix="augsvc-fuzz-") as tmp:
         dataset = make_dataset(Path(tmp) / "data", num_classes=4, per_class=10, size=(96, 128))
-        server = Server(dataset, args.workers, Path(tmp) / "serve.stderr")
+        server = Server(dataset, args.workers, Path(tmp) / "serve.stderr",
+                        shlex.split(args.serve_args))
         try:
             assert healthy(server.address), "the server is not healthy before the fuzz"
             pids, log_start = server.pids(), server.log.stat().st_size
@@ -407,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the figures here")
+    parser.add_argument("--serve-args", default="", metavar="ARGS",
+                        help="more `augsvc serve` options, e.g. '--pipeline-cache 0'")
     parser.add_argument("--server-log", type=Path, metavar="FILE",
                         help="keep the server's stderr here")
     args = parser.parse_args(argv)

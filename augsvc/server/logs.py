@@ -9,9 +9,10 @@
   logging them: "Exception iterating responses: <the exception>"); at most `MAX_KINDS`
   kinds are told apart, the rest share one.
 * `limit_grpc_logs()` puts the same limit on grpcio's Python loggers, which log a full
-  traceback at ERROR for every request message that cannot be deserialized
-  ("Exception deserializing request!": the traceback is reduced to the exception's
-  line) and for every exception a handler lets through (the first lines keep theirs).
+  traceback at ERROR for every exception a handler lets through (the first lines keep
+  theirs) and for every message that cannot be (de)serialized (the traceback is reduced
+  to the exception's line). Requests are decoded by `augsvc.server.decoding`, not by
+  grpcio, so an undecodable request is one rate-limited INFO line in `request_log`.
 * `configure(level, fmt)` is `augsvc serve`'s logging on stderr: "text" lines, or "json":
   one object per line with time, level, logger, pid, message and the record's extra
   fields.
