@@ -242,7 +242,8 @@ def test_class_balanced_epoch(jpeg_folder, tmp_path):
     manifest = tmp_path / "unbalanced.csv"
     manifest.write_text("path,label\n" + "".join(
         f"{p},{c}\n" for p, c in zip(files[:12], labels, strict=True)))
-    with running_server({"unbalanced": manifest}) as server, AugmentLoader(
+    # the manifest lists files of another folder: allowed with --allow-outside-root
+    with running_server({"unbalanced": manifest}, "--allow-outside-root") as server, AugmentLoader(
             server.address, "unbalanced", SPEC, batch_size=3, seed=SEED, balance=True,
             return_meta=True) as loader:
         plan = EpochPlan(12, 3, SEED, 0, labels=labels, balance=True)

@@ -85,7 +85,7 @@ def test_every_server_substitutes_alike_and_keeps_the_shape(
     assert len(a) == len(b) == 5
     subs = [s for batch in a for s in batch.header.substituted]
     assert {s.sample_id for s in subs} == corrupt_ids
-    reasons = {Path(s.path).relative_to(folder).as_posix(): s.reason for s in subs}
+    reasons = {s.path: s.reason for s in subs}  # paths relative to the dataset root
     assert "truncated" in reasons[TRUNCATED] and "decode failed" in reasons[GARBAGE]
     for x, y in zip(a, b, strict=True):
         assert x.array.shape == (BATCH, 32, 32, 3) and not x.header.dropped

@@ -4,9 +4,11 @@
 `schedule` and `servers` the stream threads, reordering and failover behind it;
 `torch_output` the optional torch tensors, `staging` and `transfer` their way onto a CUDA
 device; `memory` the malloc tuning. The client never imports DALI, PIL or matplotlib (an
-import-linter contract holds this).
+import-linter contract holds this). `quiet`, imported first, keeps gRPC core's log lines
+off stderr unless GRPC_VERBOSITY asks for them.
 """
 
+from augsvc.client import quiet  # noqa: F401  (first: before grpc is imported)
 from augsvc.client.errors import AugsvcError
 from augsvc.client.loader import AugmentLoader
 from augsvc.client.meta import BatchMeta

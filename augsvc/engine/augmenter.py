@@ -6,14 +6,18 @@ draws the batch's parameters (`augsvc.core.draws`), runs the pipeline and return
 trainer receives over the wire is exactly what this returns.
 
 Corrupt-image policy (`AugmentSpec.corrupt`; see `augsvc.engine.dataset`): a sample
-is unusable when its file cannot be read, its bytes fail `check_encoded`, or DALI
-cannot decode it. With "substitute" (the default) its row goes to the first usable
-of `augsvc.core.sampling.substitutes(seed, epoch, draw id)`: a pure function of the
-sample's place in the epoch, so every server picks the same stand-in and augments it
-the same way (its own, negative, draw id); it is listed in `AugmentedBatch.substituted`.
+is unusable when its file cannot be read or the dataset's file rules refuse it
+(`augsvc.engine.files`: a FIFO, a link leaving the root, a file changed since
+indexing), its bytes fail `check_encoded`, or DALI cannot decode it. With "substitute"
+(the default) its row goes to the first usable of `augsvc.core.sampling.substitutes(seed,
+epoch, draw id)`: a pure function of the sample's place in the epoch, so every server
+picks the same stand-in and augments it the same way (its own, negative, draw id); it is
+listed in `AugmentedBatch.substituted`.
 If none of the `SUBSTITUTE_ATTEMPTS` stand-ins is usable, or with "drop", the sample
 is DROPPED: left out of the batch (which is then shorter) and listed in
-`AugmentedBatch.dropped` with its path and the reason. Limit: damage inside the
+`AugmentedBatch.dropped` with its path and the reason. Paths are relative to the
+dataset root, reasons name the kind of failure (never a file's content); each unusable
+file is logged once per process at WARNING, later at DEBUG. Limit: damage inside the
 entropy-coded data of a JPEG whose structure is intact is repaired by libjpeg with a
 warning ("Corrupt JPEG data"), not an error, so such an image is decoded with
 artefacts, as every JPEG decoder would.
@@ -33,12 +37,13 @@ from augsvc.core.sampling import SUBSTITUTE_ATTEMPTS, Batch, substitutes
 from augsvc.core.spec import AugmentSpec
 from augsvc.core.stats import DatasetStats
 from augsvc.core.types import DroppedSample, Substitution
-from augsvc.engine.dataset import DatasetIndex, check_encoded
+from augsvc.engine.dataset import DatasetIndex, FileRefused, check_encoded
 from augsvc.engine.pipeline import AugmentPipeline, PipelineError
 
 __all__ = ["AugmentedBatch", "Augmenter", "DroppedSample", "Substitution"]
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # files whose trouble was logged at WARNING in this process
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,8 @@ class Augmenter:
         """The file's bytes as a uint8 array, or a reason why they cannot be used."""
         try:
             raw = self.index.read(i)
-        except OSError as exc:
-            return np.empty(0, np.uint8), f"unreadable: {exc}"
+        except FileRefused as exc:
+            return np.empty(0, np.uint8), str(exc)
         return np.frombuffer(raw, dtype=np.uint8), check_encoded(raw)
 
     def _reject(self, seed: int, epoch: int, slot: _Slot, reason: str) -> None:
@@ -179,7 +184,7 @@ class Augmenter:
 
     def _result(self, slots: list[_Slot], images: np.ndarray) -> AugmentedBatch:
         """The batch of the rows that hold a sample, and what was dropped or substituted."""
-        paths = self.index.paths
+        paths, rel = self.index.paths, self.index.relpath
         ids: list[int] = []
         draws: list[int] = []
         dropped, substituted = [], []
@@ -187,14 +192,15 @@ class Augmenter:
             if slot.data is None:
                 why = slot.reason if slot.candidates is None else (
                     f"{slot.reason}; no usable substitute in {SUBSTITUTE_ATTEMPTS} tries")
-                dropped.append(DroppedSample(slot.own_id, paths[slot.own_id], why))
-                log.warning("dropped sample %d (%s): %s", slot.own_id, paths[slot.own_id], why)
+                dropped.append(DroppedSample(slot.own_id, rel(slot.own_id), why))
+                log.log(_once(paths[slot.own_id]), "dropped sample %d (%s): %s", slot.own_id,
+                        paths[slot.own_id], why)
                 continue
             if slot.reason is not None:
-                substituted.append(Substitution(len(ids), slot.own_id, paths[slot.own_id],
+                substituted.append(Substitution(len(ids), slot.own_id, rel(slot.own_id),
                                                 slot.reason, slot.sample_id))
-                log.warning("sample %d (%s) replaced by sample %d: %s", slot.own_id,
-                            paths[slot.own_id], slot.sample_id, slot.reason)
+                log.log(_once(paths[slot.own_id]), "sample %d (%s) replaced by sample %d: %s",
+                        slot.own_id, paths[slot.own_id], slot.sample_id, slot.reason)
             ids.append(slot.sample_id)
             draws.append(slot.draw_id)
         sample_ids = np.array(ids, dtype=np.int64)
@@ -212,6 +218,14 @@ class Augmenter:
         h, w = self.spec.size
         shape = (0, 3, h, w) if self.spec.layout == "NCHW" else (0, h, w, 3)
         return np.empty(shape, dtype=self.spec.dtype)
+
+
+def _once(path: str) -> int:
+    """WARNING the first time a file's trouble is logged in this process, then DEBUG."""
+    if path in _warned:
+        return logging.DEBUG
+    _warned.add(path)
+    return logging.WARNING
 
 
 def _take(params: BatchParams, rows: list[int]) -> BatchParams:

@@ -26,6 +26,8 @@ from augsvc import wire
 from augsvc.server.auth import TokenInterceptor
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
+from augsvc.server.decoding import DecodeInHandler
+from augsvc.server.logs import limit_grpc_logs
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.servicer import AugmentServicer
 
@@ -70,8 +72,10 @@ class AugmentServer:
         reuse_port: bool = False,
     ) -> None:
         self.config = config.validate()
+        limit_grpc_logs()
         self.catalog = (catalog if catalog is not None
-                        else load_catalog(config.datasets, config.stats_files))
+                        else load_catalog(config.datasets, config.stats_files,
+                                          allow_outside=config.allow_outside_root))
         self.pool = PipelinePool(
             device=config.resolved_device(),
             device_id=config.device_id,
@@ -92,7 +96,10 @@ class AugmentServer:
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
         reuse = ("grpc.so_reuseport", 1 if reuse_port else 0)
         options = [*wire.server_options(), reuse]
-        interceptors = [TokenInterceptor(config.token)] if config.token else []
+        # first: every handler decodes its own requests (grpcio leaks on undecodable ones)
+        interceptors: list[grpc.ServerInterceptor] = [DecodeInHandler()]
+        if config.token:
+            interceptors.append(TokenInterceptor(config.token))
         self._server = grpc.server(
             self._executors[1],
             options=options,
@@ -112,7 +119,8 @@ class AugmentServer:
         if health_port is not None:
             self._executors.append(futures.ThreadPoolExecutor(
                 max_workers=HEALTH_THREADS, thread_name_prefix="augsvc-health-port"))
-            health_server = grpc.server(self._executors[-1], options=[reuse])
+            health_server = grpc.server(self._executors[-1], options=[reuse],
+                                        interceptors=[DecodeInHandler()])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             self.health_port = self._bind(health_server, health_port, None)
             self._servers.append(health_server)

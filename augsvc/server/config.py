@@ -38,6 +38,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
     token: str | None = field(default=None, repr=False)  # bearer token for augsvc.v1.Augment
+    allow_outside_root: bool = False  # serve links / manifest rows resolving outside a root
 
     def validate(self) -> ServerConfig:
         """Check every option; return self, or raise ValueError saying what to fix."""

@@ -10,7 +10,6 @@ the memory a stream holds.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +21,10 @@ from augsvc import wire
 from augsvc.core.sampling import EpochOrder, EpochPlan, Sharding, epoch_length
 from augsvc.core.spec import SpecError
 from augsvc.core.stats import DatasetStats
+from augsvc.core.text import clip
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, DatasetEntry
+from augsvc.server.logs import request_log
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.plans import OrderCache, plan_budget
 from augsvc.server.producer import Job, Producer
@@ -38,8 +39,6 @@ from augsvc.wire.convert import (
 )
 
 __all__ = ["AugmentServicer"]
-
-log = logging.getLogger("augsvc.server")
 
 _MIB = 1 << 20
 MAX_DETAILS = 2000  # characters of an exception message sent back in an INTERNAL status
@@ -94,7 +93,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             except ValueError as exc:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except _Abort as abort:
-            context.abort(abort.code, abort.details)
+            context.abort(abort.code, abort.details[:MAX_DETAILS])
         index = entry.index
         return dataset_info(entry.name, len(index), index.classes, entry.stats[source], source,
                             num_rejected=len(index.rejected), stats_sources=entry.stats,
@@ -104,7 +103,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         entry = self.catalog.get(name)
         if entry is None:
             raise _Abort(grpc.StatusCode.NOT_FOUND,
-                         f"{field}: unknown dataset {name!r}; this server has: "
+                         f"{field}: unknown dataset {clip(name)}; this server has: "
                          f"{', '.join(self.catalog) or '(none)'}")
         return entry
 
@@ -128,9 +127,11 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             job = self._validate(request)
             release = self._take_slot()
         except _Abort as abort:
-            log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
-                     abort.details)
-            context.abort(abort.code, abort.details)
+            request_log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
+                             abort.details[:MAX_DETAILS], extra={
+                                 "limit_key": abort.code.name, "peer": context.peer(),
+                                 "code": abort.code.name})
+            context.abort(abort.code, abort.details[:MAX_DETAILS])
         # The slot is freed when the call ends, not when this generator returns: the
         # last batches may still be buffered for a slow client, and a draining server
         # must wait for them to be delivered.
@@ -143,9 +144,11 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             sent, total = progress["sent"], len(job.batches)
             outcome = ("failed" if progress["failed"] else "cancelled" if sent < total
                        else "done")
-            log.info("stream from %s %s: %s, %d of %d batch(es) of %d in %.2f s", peer,
-                     outcome, req.dataset, sent, total, req.batch_size,
-                     time.monotonic() - started)
+            request_log.debug("stream from %s %s: %s, %d of %d batch(es) of %d in %.2f s",
+                              peer, outcome, req.dataset, sent, total, req.batch_size,
+                              time.monotonic() - started, extra={
+                                  "peer": peer, "outcome": outcome, "dataset": req.dataset,
+                                  "batches": sent, "batch_size": req.batch_size})
 
         context.add_callback(finished)
         cached = [self.cache.get(job.cache_key(k)) for k in job.batches]
@@ -167,9 +170,10 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                 progress["sent"] += 1
         except Exception as exc:
             progress["failed"] = True
-            log.exception("stream from %s failed at batch %d of %d (dataset %s)", peer,
-                          progress["sent"], len(job.batches), req.dataset)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:MAX_DETAILS])
+            request_log.exception("stream from %s failed at batch %d of %d (dataset %s)", peer,
+                                  progress["sent"], len(job.batches), req.dataset)
+            details = job.entry.scrub(f"{type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, details[:MAX_DETAILS])
         finally:
             producer.cancel()
 

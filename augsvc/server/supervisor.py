@@ -115,7 +115,8 @@ class Supervisor:
                 health_sock, health_port = stack.enter_context(
                     reserve_port(config.host, config.health_port))
                 sockets += (health_sock,)
-            catalog = load_catalog(config.datasets, config.stats_files)
+            catalog = load_catalog(config.datasets, config.stats_files,
+                                   allow_outside=config.allow_outside_root)
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
             try:
                 return self._supervise(catalog, _Ports(sockets, port, health_port))
