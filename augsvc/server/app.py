@@ -82,7 +82,8 @@ class AugmentServer:
         )
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
-        options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0)]
+        options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0),
+                   *config.connection_options()]
         interceptors = [TokenInterceptor(config.token)] if config.token else []
         self._server = grpc.server(
             self._executors[1],
