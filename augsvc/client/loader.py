@@ -33,14 +33,31 @@
   to yield; `load_state_dict()` makes the next pass start there (only for the same
   dataset, spec, seed, batch size, rank, world size, tail and balance: else ValueError).
 * **Failures.** A stream that fails with a retryable status (UNAVAILABLE,
-  DEADLINE_EXCEEDED, CANCELLED not by us, a reset connection, no data for `timeout` s,
-  a broken frame sequence) hands its unfinished batches back; any stream of any server
-  fetches them again — the same bytes, by determinism. A server failing more than
-  `max_retries` times in a row (backing off 0.1 s, 0.2 s, ... up to 2 s) is given up;
-  once none is left, `AugsvcError`. Statuses no retry can fix (INVALID_ARGUMENT,
+  DEADLINE_EXCEEDED, CANCELLED not by us, a reset connection, a broken frame sequence)
+  hands its unfinished batches back; any stream of any server fetches them again — the
+  same bytes, by determinism. A stream whose call has ended while gRPC's iterator does
+  not return (a grpcio bug: scripts/grpc_stuck_call.py), or that has received nothing
+  for `timeout` s, is abandoned: its batches go back to the queue and a new stream on a
+  new connection replaces it. No server is given up for a number of failures: each
+  stream backs off (0.1 s doubling to 2 s, with jitter) and waits for its connection
+  before it takes work again. Only when no server has answered for `reconnect_timeout`
+  s (default 300: a pod restart or a rolling update takes well under that, while a
+  dead cluster still fails the job within minutes) does the pass raise `AugsvcError`;
+  the wait is logged once. Statuses no retry can fix (INVALID_ARGUMENT,
   NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
-  FAILED_PRECONDITION, OUT_OF_RANGE) raise `AugsvcError` at once, with `.code` (a
-  `grpc.StatusCode`), `.details` (the server's message) and `.server`.
+  FAILED_PRECONDITION, OUT_OF_RANGE), and a TLS mismatch (a plaintext loader at a TLS
+  server, a missing or refused client certificate: the error says which), raise
+  `AugsvcError` at once, with `.code` (a `grpc.StatusCode`), `.details` (the server's
+  message) and `.server`.
+* **Discovery.** Each of `servers` is `host:port`, `host` (port 50051) or
+  `dns:///host:port`; a name is resolved to every address it has (`resolve(host,
+  port)`, default the system resolver, IPv4 when it has any), and each address gets
+  `streams_per_server` streams. Names are looked up again every `resolve_interval` s
+  and soon after a failure: a replica that joins gets work, one that leaves finishes
+  its call and hands back the rest (docs/discovery.md: a Kubernetes headless Service).
+* **Stats.** `loader.stats()` is a `LoaderStats`: the time the training loop waited for
+  data, per-server batches, bytes and images/s, retries, failovers and reconnects
+  (`augsvc.client.metrics` exports it to Prometheus when prometheus_client is there).
 * **Security.** `token` is sent as `authorization: Bearer <token>`; `root_certificates`
   (PEM bytes, text or a path) turns TLS on; `client_certificate=(chain, key)` adds the
   client certificate a mutual-TLS server (`--tls-client-ca`) requires.
@@ -70,12 +87,14 @@ import numpy as np
 
 from augsvc import wire
 from augsvc.client import memory
+from augsvc.client.discovery import Resolve, resolve_addresses
 from augsvc.client.errors import AugsvcError
+from augsvc.client.fetcher import Fetcher
 from augsvc.client.meta import BatchMeta, batch_meta
 from augsvc.client.schedule import PassOrder
 from augsvc.client.servers import ChannelCache, ServerPool, pem_bytes
 from augsvc.client.state import STATE_FORMAT, U32, U64, check_int, check_state, num_batches
-from augsvc.client.streams import Fetcher
+from augsvc.client.stats import LoaderStats, StatsRecorder
 from augsvc.client.torch_output import (
     torch_allocator,
     torch_dataset_class,
@@ -121,7 +140,9 @@ class AugmentLoader:
         root_certificates: bytes | str | Path | None = None,
         client_certificate: tuple[bytes | str | Path, bytes | str | Path] | None = None,
         timeout: float = 60.0,
-        max_retries: int = 3,
+        reconnect_timeout: float = 300.0,
+        resolve: Resolve = resolve_addresses,
+        resolve_interval: float = 30.0,
         prefetch: int | None = None,
         batches_per_request: int = 2,
         tune_malloc: bool = True,
@@ -146,7 +167,6 @@ class AugmentLoader:
         check_int("world_size", world_size, 1, U32)
         check_int("rank", rank, 0, world_size - 1)
         check_int("streams_per_server", streams_per_server, 1, 1024)
-        check_int("max_retries", max_retries, 0, 1000)
         check_int("batches_per_request", batches_per_request, 1, 1 << 16)
         if prefetch is not None:
             check_int("prefetch", prefetch, 1, 1 << 20)
@@ -182,9 +202,9 @@ class AugmentLoader:
         client_pem = (None if client_certificate is None
                       else (pem_bytes(client_certificate[0]), pem_bytes(client_certificate[1])))
         self.pool = ServerPool(targets, pem_bytes(root_certificates), token, float(timeout),
-                               max_retries, client_pem)
-        num_streams = streams_per_server * len(targets)
-        self.prefetch = prefetch or num_streams * (batches_per_request + 1)
+                               reconnect_timeout, client_pem, resolve, resolve_interval)
+        self.prefetch = prefetch  # None: (batches_per_request + 1) per stream
+        self._stats = StatsRecorder()
         self._epoch = epoch
         self._cursor = 0  # the next batch to yield in this epoch
         self._resume: int | None = None  # where the next pass starts, after load_state_dict
@@ -311,6 +331,11 @@ class AugmentLoader:
                 if self._fetcher is fetcher:
                     self._fetcher = None
 
+    def stats(self) -> LoaderStats:
+        """Counters over this loader's lifetime: the trainer's wait for data, per-server
+        throughput, retries, failovers, reconnects (see `augsvc.client.stats`)."""
+        return self._stats.snapshot()
+
     @property
     def last_dropped(self) -> tuple[DroppedSample, ...]:
         """The samples left out of the batch yielded last."""
@@ -340,6 +365,7 @@ class AugmentLoader:
             allocate=allocate,
             finish=self._finish if self.output == "numpy" else torch_finisher(bool(pin)),
             check=self._check,
+            stats=self._stats,
         )
 
     def _check(self, header: pb.BatchHeader, expected: int, server: str) -> None:
