@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from replicas import engine_epoch
 from serverproc import running_server
 
 from augsvc.client import AugmentLoader, AugsvcError
@@ -81,23 +82,9 @@ def test_two_ranks_cover_the_epoch_once(two_ranks, jpeg_folder):
     assert sorted(seen) == list(range(len(index)))
 
 
-def _engine_batches(jpeg_folder, spec, epoch, rank, world_size, batch_size):
-    from augsvc.core.stats import IMAGENET
-    from augsvc.engine.augmenter import Augmenter
-
-    index = open_dataset(jpeg_folder)
-    augmenter = Augmenter(index, spec, IMAGENET, max_batch_size=batch_size, device="cpu",
-                          num_threads=1)
-    try:
-        plan = EpochPlan(len(index), batch_size, SEED, epoch, rank, world_size)
-        return [augmenter.run_batch(SEED, epoch, plan.batch(k)) for k in range(len(plan))]
-    finally:
-        augmenter.close()
-
-
 def test_bytes_equal_the_in_process_engine(two_ranks, jpeg_folder):
     for rank, batches in enumerate(two_ranks):
-        want = _engine_batches(jpeg_folder, SPEC, 1, rank, 2, 2)
+        want = engine_epoch(jpeg_folder, SPEC, SEED, 1, 2, rank, 2)
         for (images, labels, meta), w in zip(batches, want, strict=True):
             np.testing.assert_array_equal(meta.sample_ids, w.sample_ids)
             np.testing.assert_array_equal(labels, w.labels)
@@ -107,7 +94,7 @@ def test_bytes_equal_the_in_process_engine(two_ranks, jpeg_folder):
 def test_default_spec_matches_engine(addresses, jpeg_folder):
     spec = AugmentSpec(size=(32, 32))
     got = fetch(addresses, spec, batch_size=4)
-    want = _engine_batches(jpeg_folder, spec, 0, 0, 1, 4)
+    want = engine_epoch(jpeg_folder, spec, SEED, 0, 4)
     for (images, labels, _), w in zip(got, want, strict=True):
         np.testing.assert_array_equal(labels, w.labels)
         assert np.array_equal(images, w.images)
@@ -143,7 +130,7 @@ def test_killed_server_mid_epoch(jpeg_folder, addresses, caplog):
     with running_server({NAME: jpeg_folder}) as a, running_server({NAME: jpeg_folder}) as b:
         loader = AugmentLoader([a.address, b.address], NAME, SPEC, 1, SEED, epoch=3,
                                streams_per_server=1, batches_per_request=2, prefetch=4,
-                               return_meta=True, max_retries=2)
+                               return_meta=True)
         with loader:
             got = _kill_after(loader, 3, lambda: a.kill())
         assert a.proc.poll() is not None
