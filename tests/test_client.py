@@ -458,6 +458,29 @@ def test_hung_stream_is_abandoned(fake):
     assert time.monotonic() - start < 10
 
 
+def test_a_name_without_addresses_yet_is_waited_for(fake, caplog):
+    """A one-replica deployment restarting: the name resolves to nothing for a while."""
+    a = fake()
+    answers = ["127.0.0.1"]
+
+    def resolve(host, port):
+        assert (host, port) == ("aug.test", a.port)
+        if not answers:
+            raise OSError("Name or service not known")
+        return answers
+
+    loader = AugmentLoader(f"dns:///aug.test:{a.port}", "photos", SPEC, 4, seed=2,
+                           resolve=resolve)
+    assert len(loader) == 5
+    answers.clear()
+    threading.Timer(1.5, answers.append, ("127.0.0.1",)).start()
+    begin = time.monotonic()
+    _assert_epoch(list(loader), expected_epoch(2, 0, 0, 1, 4))
+    assert time.monotonic() - begin > 1.4  # it waited, then found the replica
+    waits = [r.getMessage() for r in caplog.records if "no augsvc server" in r.getMessage()]
+    assert len(waits) == 1 and "Name or service not known" in waits[0]
+
+
 @pytest.mark.timeout(300)
 def test_graceful_stop_never_stalls(fake):
     """Issue 9.1 on in-process servers: many trials, each stopping one of two servers the

@@ -102,37 +102,40 @@ def test_every_server_down_for_5_s(folder, reference, caplog):
 
 
 def test_rolling_restart_of_three_servers(folder, reference):
-    """Each server in turn stops and starts again on its port while the epoch runs."""
+    """Each server in turn stops and starts again on its port while the epoch runs, and
+    each one serves again after its restart."""
     with Replicas({NAME: folder}, *FAST) as replicas:
         servers = [replicas.start() for _ in range(3)]
         go, rolled = threading.Event(), threading.Event()
-        restarted_at: list[int] = []
-        got_so_far = [0]
+        at_restart: dict[str, tuple[int, int]] = {}  # address: (batches yielded, its batches)
+        yielded = [0]
 
-        def roll() -> None:
+        def roll(loader: AugmentLoader) -> None:
             go.wait()
             for server in servers:
                 server.send_signal(signal.SIGTERM)
                 server.proc.wait(30)
                 replicas.start("127.0.0.1", server.port)
-                restarted_at.append(got_so_far[0])
+                mine = loader.stats().servers[server.address].batches
+                at_restart[server.address] = (yielded[0], mine)
             rolled.set()
 
         def on_batch(i: int) -> None:
-            got_so_far[0] = i + 1
+            yielded[0] = i + 1
+            time.sleep(0.05)  # a trainer's pace: the roll happens mid-epoch
             if i == 20:
                 go.set()
-            if not rolled.is_set():
-                time.sleep(0.02)  # a trainer's pace, so that the roll is mid-epoch
-            if i == len(reference) - 30:
+            if i == len(reference) - 60:
                 assert rolled.wait(120), "the rolling restart did not finish"
 
-        roller = threading.Thread(target=roll, daemon=True)
-        roller.start()
         with _loader([s.address for s in servers]) as loader:
+            roller = threading.Thread(target=roll, args=(loader,), daemon=True)
+            roller.start()
             got = consume(loader, on_batch, stall_s=60)
             stats = loader.stats()
         roller.join(5)
     assert_epoch(got, reference)
-    assert len(restarted_at) == 3 and restarted_at[-1] < len(reference)
-    assert all(stats.servers[s.address].batches > 0 for s in servers)
+    assert list(at_restart) == [s.address for s in servers]
+    for address, (when, mine) in at_restart.items():
+        assert 20 < when <= len(reference) - 59  # mid-epoch: batches were left
+        assert stats.servers[address].batches > mine, (address, mine)  # used again after it

@@ -167,8 +167,11 @@ class Fetcher:
                 server = self.servers[endpoint.address] = Server(endpoint)
                 for slot in range(self.streams_per_server):
                     self._start_stream(Stream(self, server, slot))
-            self._none_since = (None if self.servers
-                                else self._none_since or time.monotonic())
+            if self.servers:
+                self._none_since = None
+            else:  # nothing to connect to: look again soon
+                self._none_since = self._none_since or time.monotonic()
+                self.discovery.request()
             self._resize()
 
     def _start_stream(self, stream: Stream) -> None:
