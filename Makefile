@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint protos
+.PHONY: install test lint protos gpu-check
 
-install:  ## venv with the server + dev extras, the colour-kernel plugin, the Node example client
+install:  ## system packages (as root), venv with the server + dev extras, the colour-kernel plugin, the Node example client
+	sh scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
@@ -23,3 +24,6 @@ lint:  ## ruff, and import-linter's layer contracts (pyproject.toml)
 
 protos:  ## regenerate augsvc/wire/_proto from protos/
 	$(BIN)/python scripts/gen_protos.py
+
+gpu-check:  ## on a GPU host: pytest -m gpu, the CUDA kernel, augsvc bench --device gpu (docs/gpu.md)
+	bash scripts/gpu_check.sh

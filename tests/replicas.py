@@ -3,7 +3,8 @@
 * `Replicas`: `augsvc serve` processes (tests/serverproc.py) on chosen addresses, all
   cleaned up when the `with` block ends; `start(host, port)` starts one (again).
 * `free_port(host)`: a port nothing listens on now (to restart a server on the same one).
-* `engine_epoch(...)`: an epoch from the in-process engine, what every loader pass must equal.
+* `assert_epoch(got, want)`: a pass equals the in-process engine's epoch
+  (`epochs.engine_batches`), batch by batch.
 * `consume(loader, on_batch, stall_s)`: iterate a loader, failing the test if no batch
   arrives for `stall_s` seconds (the consumer runs in a thread, so a hang cannot block
   the test).
@@ -23,10 +24,7 @@ import numpy as np
 import pytest
 from serverproc import ServerProcess, running_server
 
-from augsvc.core.sampling import EpochPlan
-from augsvc.core.spec import AugmentSpec
-
-__all__ = ["Replicas", "assert_epoch", "consume", "engine_epoch", "free_port"]
+__all__ = ["Replicas", "assert_epoch", "consume", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,23 +73,6 @@ class Replicas(contextlib.ExitStack):
             return box[0]
 
         return result
-
-
-def engine_epoch(folder: Path, spec: AugmentSpec, seed: int, epoch: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1) -> list[Any]:
-    """Every batch of one rank's epoch from the in-process engine (`AugmentedBatch`es)."""
-    from augsvc.core.stats import IMAGENET
-    from augsvc.engine.augmenter import Augmenter
-    from augsvc.engine.dataset import open_dataset
-
-    index = open_dataset(folder)
-    augmenter = Augmenter(index, spec, IMAGENET, max_batch_size=batch_size, device="cpu",
-                          num_threads=1)
-    try:
-        plan = EpochPlan(len(index), batch_size, seed, epoch, rank, world_size)
-        return [augmenter.run_batch(seed, epoch, plan.batch(k)) for k in range(len(plan))]
-    finally:
-        augmenter.close()
 
 
 def assert_epoch(got: list[tuple[Any, ...]], want: list[Any], what: str = "the pass") -> None:

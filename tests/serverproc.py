@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -33,7 +33,8 @@ __all__ = ["SERVING_LINE", "ServerProcess", "child_pids", "running_server"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVING_LINE = re.compile(
     r"^augsvc: serving (?P<datasets>\d+) dataset\(s\) on (?P<host>\S+):(?P<port>\d+) "
-    r"\(device=(?P<device>\w+), workers=(?P<workers>\d+)\)$"
+    r"\(device=(?P<device>\w+), workers=(?P<workers>\d+)"
+    r"(, health_port=(?P<health_port>\d+))?\)$"
 )
 
 
@@ -64,6 +65,7 @@ class ServerProcess:
     port: int
     stderr_path: Path
     stdout_lines: list[str] = field(default_factory=list)
+    health_port: int | None = None  # the health-only port of --health-port
 
     @property
     def address(self) -> str:
@@ -122,14 +124,22 @@ def running_server(
     workers: int = 1,
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    port: int = 0,
+    prefix: Sequence[str] = (),
+    command: Sequence[str] = (sys.executable, "-m", "augsvc", "serve"),
 ) -> Iterator[ServerProcess]:
-    """Start `python -m augsvc serve --dataset NAME=PATH ... --port 0 --device cpu
+    """Start `python -m augsvc serve --dataset NAME=PATH ... --port PORT --device cpu
     --workers N *extra_args`, wait for its serving line, yield it; stop it on exit
-    (SIGTERM, then SIGKILL of the whole group after 30 s)."""
-    args = [sys.executable, "-m", "augsvc", "serve"]
+    (SIGTERM, then SIGKILL of the whole group after 30 s).
+
+    `prefix` runs it through a command that execs the rest in the same process, e.g.
+    `("ip", "netns", "exec", NS)` to start it inside a network namespace. `command`
+    replaces `python -m augsvc serve` (e.g. with the serve of a container image).
+    """
+    args = [*prefix, *command]
     for name, path in datasets.items():
         args += ["--dataset", f"{name}={path}"]
-    args += ["--port", "0", "--device", "cpu", "--workers", str(workers), *extra_args]
+    args += ["--port", str(port), "--device", "cpu", "--workers", str(workers), *extra_args]
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
@@ -183,8 +193,9 @@ def _wait_until_serving(proc: subprocess.Popen, lines: queue.Queue[str | None],
             seen.append(line)
             match = SERVING_LINE.match(line)
             if match:
+                health_port = match["health_port"]
                 return ServerProcess(proc, match["host"], int(match["port"]), stderr_path,
-                                     seen)
+                                     seen, int(health_port) if health_port else None)
         if left <= 0:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)

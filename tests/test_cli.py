@@ -75,3 +75,18 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, jpeg_folder:
         assert out.returncode != 0, args
         assert words in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_commands_without_their_extra_say_what_to_install(monkeypatch, capsys) -> None:
+    import importlib
+
+    cli_main = importlib.import_module("augsvc.cli.main")  # augsvc.cli.main is also a function
+    for name in cli_main.NEEDS:
+        shown = name.replace("_", "-")
+        assert "pip install 'augsvc[server]'" in augsvc(shown, "--help").stdout, shown
+    # what an install without the server extra sees: the command's modules are missing
+    monkeypatch.setitem(cli_main.NEEDS, "stats", ("PIL", "augsvc_no_such_module.sub"))
+    assert cli_main.main(["stats", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "augsvc stats: needs augsvc_no_such_module.sub" in err
+    assert "pip install 'augsvc[server]'" in err

@@ -4,7 +4,9 @@ that can fail, hang or refuse on demand."""
 
 from __future__ import annotations
 
+import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +20,7 @@ from replicas import consume
 import augsvc
 from augsvc import wire
 from augsvc.client import AugmentLoader, AugsvcError, BatchMeta, num_batches
-from augsvc.core.sampling import EpochPlan
+from augsvc.core.sampling import EpochPlan, Sharding
 from augsvc.core.spec import AugmentSpec
 from augsvc.core.stats import IMAGENET
 from augsvc.wire._proto import augment_pb2 as pb
@@ -38,15 +40,16 @@ LABELS = np.arange(NUM_SAMPLES) % 3
 @pytest.mark.parametrize("num_samples", [1, 7, 23, 64, 100])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("tail", ["drop_last", "pad"])
+@pytest.mark.parametrize("tail", ["drop_last", "pad", "keep"])
 def test_num_batches_matches_epoch_plan(num_samples, batch_size, world_size, tail):
+    rank = world_size - 1
     try:
-        expected = len(EpochPlan(num_samples, batch_size, 0, 0, world_size - 1, world_size, tail))
+        expected = len(EpochPlan(num_samples, batch_size, 0, 0, rank, world_size, tail))
     except ValueError:
         with pytest.raises(ValueError, match="fewer than one round"):
-            num_batches(num_samples, batch_size, world_size, tail)
+            num_batches(num_samples, batch_size, world_size, tail, rank=rank)
         return
-    assert num_batches(num_samples, batch_size, world_size, tail) == expected
+    assert num_batches(num_samples, batch_size, world_size, tail, rank=rank) == expected
 
 
 @pytest.mark.parametrize("tail", ["drop_last", "pad"])
@@ -57,6 +60,24 @@ def test_num_batches_balanced_matches_epoch_plan(tail):
         plan = EpochPlan(len(labels), batch_size, 1, 2, 0, world_size, tail,
                          labels=labels, balance=True)
         assert num_batches(len(labels), batch_size, world_size, tail, counts) == len(plan)
+
+
+def test_header_check_takes_a_short_last_batch_with_tail_keep():
+    loader = _loader(tail="keep", batch_size=4)  # rank 1 of 2: batches 4..7, 12..15, 20..22
+    shard = Sharding(NUM_SAMPLES, 4, 2, "keep")
+
+    def header(k, n, dropped=0):
+        return pb.BatchHeader(batch_index=k, shape=[n, 4, 6, 3], dtype="uint8", layout="NHWC",
+                              dropped=[pb.DroppedSample(sample_id=k)] * dropped)
+
+    loader._check(header(1, 4), 1, "s", shard)
+    loader._check(header(2, 3), 2, "s", shard)
+    loader._check(header(2, 2, dropped=1), 2, "s", shard)
+    for k, n in ((2, 4), (1, 3)):
+        with pytest.raises(wire.WireError, match=f"length of batch {k}"):
+            loader._check(header(k, n), k, "s", shard)
+    with pytest.raises(wire.WireError, match="length of batch 1"):  # drop_last: all full
+        _loader(batch_size=4)._check(header(1, 3), 1, "s", Sharding(NUM_SAMPLES, 4, 2))
 
 
 # ---------------------------------------------------------------------------
@@ -74,15 +95,16 @@ def test_num_batches_balanced_matches_epoch_plan(tail):
     ({"world_size": 0}, ValueError),
     ({"epoch": -1}, ValueError),
     ({"streams_per_server": 0}, ValueError),
-    ({"tail": "keep"}, ValueError),
+    ({"tail": "wrap"}, ValueError),
     ({"balance": 1}, TypeError),
+    ({"shuffle": "no"}, TypeError),
     ({"output": "jax"}, ValueError),
     ({"device": "cpu"}, ValueError),  # device needs output="torch"
     ({"timeout": 0}, ValueError),
     ({"reconnect_timeout": 0}, ValueError),
     ({"resolve_interval": -1}, ValueError),
     ({"resolve": "getaddrinfo"}, TypeError),
-    ({"servers": ["unix:///tmp/s"]}, ValueError),
+    ({"servers": ["ipv4:10.0.0.1:1"]}, ValueError),
     ({"servers": ["host:0"]}, ValueError),
     ({"prefetch": 0}, ValueError),
     ({"spec": {"crop": "center_crop"}}, TypeError),
@@ -94,10 +116,30 @@ def test_bad_arguments(kwargs, error):
         AugmentLoader(**args)
 
 
-def test_invalid_spec_is_invalid_argument():
-    with pytest.raises(AugsvcError, match="p_hflip") as info:
-        AugmentLoader("127.0.0.1:1", "d", AugmentSpec(p_hflip=1.5))
-    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+@pytest.mark.parametrize(("address", "target"), [
+    ("aug-0", "aug-0:50051"), ("aug-0:7000", "aug-0:7000"), ("10.0.0.5", "10.0.0.5:50051"),
+    ("::1", "[::1]:50051"), ("[::1]", "[::1]:50051"), ("[::1]:7000", "[::1]:7000"),
+    ("dns:///aug:7000", "dns:///aug:7000"), ("unix:/run/augsvc.sock", "unix:/run/augsvc.sock"),
+])
+def test_an_address_without_a_port_means_50051(address, target):
+    loader = AugmentLoader([address, "other:1"], "d")
+    assert loader.pool.targets == (target, "other:1")
+
+
+def test_output_torch_without_torch_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # what an install without torch sees
+    with pytest.raises(ImportError, match=r"pip install 'augsvc\[torch\]'"):
+        AugmentLoader("127.0.0.1:1", "d", output="torch")
+
+
+def test_help_lists_every_argument_on_one_line():
+    import inspect
+    import pydoc
+
+    text = pydoc.render_doc(AugmentLoader, renderer=pydoc.plaintext)
+    args = text[text.index("Args:"):]
+    for name in list(inspect.signature(AugmentLoader).parameters):
+        assert re.search(rf"^[ |]+{name}: \S", args, re.MULTILINE), name  # help's " |  "
 
 
 def test_public_facade():
@@ -144,6 +186,7 @@ def test_state_dict_round_trip():
     ({"batch_size": 3}, "batch_size"),
     ({"spec": SPEC.replace(p_hflip=0.0)}, "spec"),
     ({"tail": "pad"}, "tail"),
+    ({"shuffle": False}, "shuffle"),
 ])
 def test_state_dict_mismatch(change, field):
     state = _loader().state_dict()
@@ -159,6 +202,14 @@ def test_state_dict_malformed():
     del state["next_batch"]
     with pytest.raises(ValueError, match="next_batch"):
         loader.load_state_dict(state)
+
+
+def test_a_state_saved_before_shuffle_existed_loads():
+    state = _loader().state_dict()
+    del state["shuffle"]  # saved by a loader that always shuffled
+    _loader().load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle"):
+        _loader(shuffle=False).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------
@@ -360,9 +411,8 @@ def test_epochs_and_resume(fake):
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
     _assert_epoch(list(resumed), expected_epoch(2, 2, 0, 1, 3)[3:])
-    # a finished epoch resumes as empty; the next pass starts over
     assert resumed.state_dict()["next_batch"] == len(resumed)
-    assert len(list(resumed)) == len(resumed)
+    _assert_epoch(list(resumed), expected_epoch(2, 3, 0, 1, 3))  # the next pass: epoch 3
 
 
 def test_epochs_back_to_back(fake):
@@ -408,6 +458,61 @@ def test_epochs_resume_mid_epoch_and_without_end(fake):
     resumed.load_state_dict(state)
     _assert_epoch(list(resumed.epochs(2)),
                   expected_epoch(2, 6, 0, 1, 3)[2:] + expected_epoch(2, 7, 0, 1, 3))
+
+
+def test_each_pass_is_the_next_epoch(fake):
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 3, seed=2, epoch=1)
+    assert loader.epoch == 1
+    first, second = list(loader), list(loader)
+    assert loader.epoch == 2
+    _assert_epoch(first, expected_epoch(2, 1, 0, 1, 3))
+    _assert_epoch(second, expected_epoch(2, 2, 0, 1, 3))
+    assert not np.array_equal(first[0][0], second[0][0])
+    for _ in range(2):  # set_epoch before every pass: that epoch, every time
+        loader.set_epoch(1)
+        _assert_epoch(list(loader), expected_epoch(2, 1, 0, 1, 3))
+    for _ in loader:  # a pass broken off was a pass
+        assert loader.epoch == 2
+        break
+    _assert_epoch(list(loader), expected_epoch(2, 3, 0, 1, 3))
+    _assert_epoch(list(loader.epochs(2)), expected_epoch(2, 4, 0, 1, 3) +
+                  expected_epoch(2, 5, 0, 1, 3))
+    assert loader.epoch == 5
+    _assert_epoch(list(loader), expected_epoch(2, 6, 0, 1, 3))  # after epochs(): the next
+
+
+def test_state_dict_resumes_counted_epochs(fake):
+    a = fake()
+
+    def fresh(state=None):
+        loader = AugmentLoader(a.address, "photos", SPEC, 3, seed=2)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+
+    want = {e: expected_epoch(2, e, 0, 1, 3) for e in (1, 2)}
+    loader = fresh()
+    n = len(loader)
+    list(loader)  # epoch 0
+    it = iter(loader)  # epoch 1, counted
+    [next(it) for _ in range(2)]
+    mid = loader.state_dict()
+    list(it)
+    end = loader.state_dict()
+    assert (mid["epoch"], mid["next_batch"], end["epoch"], end["next_batch"]) == (1, 2, 1, n)
+    resumed = fresh(mid)  # mid-epoch: the rest of epoch 1, then epoch 2
+    _assert_epoch(list(resumed), want[1][2:])
+    _assert_epoch(list(resumed), want[2])
+    resumed = fresh(end)  # after the epoch's last batch: epoch 2, as the saved run goes on
+    assert resumed.epoch == 1
+    _assert_epoch(list(resumed), want[2])
+    assert resumed.epoch == 2
+    resumed = fresh(end)  # a loop that names the finished epoch gets the empty rest of it
+    resumed.set_epoch(1)
+    assert list(resumed) == []
+    resumed.set_epoch(2)
+    _assert_epoch(list(resumed), want[2])
 
 
 @pytest.mark.parametrize(("count", "error"), [(0, ValueError), (-1, ValueError),
@@ -588,6 +693,28 @@ def test_torch_dataloader_workers_keep_order(fake):
     data = torch.utils.data.DataLoader(loader.torch_dataset(), batch_size=None, num_workers=2)
     got = [(images.numpy(), labels.numpy()) for images, labels in data]
     _assert_epoch(got, expected_epoch(0, 0, 0, 1, 2))
+
+
+@pytest.mark.timeout(120)
+def test_torch_dataloader_workers_and_epochs(fake):
+    torch = pytest.importorskip("torch")
+    a = fake()
+    loader = AugmentLoader(a.address, "photos", SPEC, 2, seed=1, output="torch")
+
+    def passes(data, epochs):
+        for epoch in epochs:
+            got = [(images.numpy(), labels.numpy()) for images, labels in data]
+            _assert_epoch(got, expected_epoch(1, epoch, 0, 1, 2))
+
+    # workers copy the loader at each pass: set_epoch before each one
+    data = torch.utils.data.DataLoader(loader.torch_dataset(), batch_size=None, num_workers=2)
+    for epoch in (3, 4):
+        loader.set_epoch(epoch)
+        passes(data, [epoch])
+    # persistent workers keep their copies, which count the epochs by themselves
+    data = torch.utils.data.DataLoader(loader.torch_dataset(), batch_size=None, num_workers=2,
+                                       persistent_workers=True)
+    passes(data, [4, 5])
 
 
 def test_tls(fake, tmp_path):

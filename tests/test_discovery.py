@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from replicas import Replicas, assert_epoch, consume, engine_epoch, free_port
+from epochs import engine_batches
+from replicas import Replicas, assert_epoch, consume, free_port
 
 from augsvc.client import AugmentLoader
 from augsvc.client.discovery import (
@@ -127,7 +128,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(folder: Path) -> list:
-    return engine_epoch(folder, SPEC, SEED, 0, BATCH)
+    return engine_batches(folder, SPEC, SEED, 0, batch_size=BATCH)
 
 
 class Names:

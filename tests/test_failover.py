@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from replicas import Replicas, assert_epoch, consume, engine_epoch
+from epochs import engine_batches
+from replicas import Replicas, assert_epoch, consume
 
 from augsvc.client import AugmentLoader
 from augsvc.core.spec import AugmentSpec
@@ -43,7 +44,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(folder: Path) -> list:
-    return engine_epoch(folder, SPEC, SEED, 0, BATCH)
+    return engine_batches(folder, SPEC, SEED, 0, batch_size=BATCH)
 
 
 def _loader(addresses: list[str], **kwargs) -> AugmentLoader:

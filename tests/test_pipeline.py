@@ -14,7 +14,7 @@ import pytest
 from support import coordinate_image, encode, requires_gpu
 
 from augsvc.core import reference as ref
-from augsvc.core.sampling import BatchParams, draw_params
+from augsvc.core.draws import BatchParams, draw_params
 from augsvc.core.spec import AugmentSpec
 from augsvc.engine.pipeline import AugmentPipeline
 

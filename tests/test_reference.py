@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from augsvc.core import reference as ref
-from augsvc.core.sampling import COLOR_PARAMS
+from augsvc.core.draws import COLOR_PARAMS
 
 RNG = np.random.default_rng(11)
 EDGE_RGB = np.array([

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from augsvc.core.sampling import COLOR_PARAMS, EpochPlan, draw_params, uniforms
+from augsvc.core.draws import COLOR_PARAMS, draw_params, uniforms
+from augsvc.core.sampling import SUBSTITUTE_ATTEMPTS, EpochPlan, rank_batches, substitutes
 from augsvc.core.spec import AugmentSpec
 
 BASIS = (np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))[0],
@@ -160,7 +161,7 @@ def test_class_balancing_upsamples_rare_classes() -> None:
     ({"num_samples": 0}, "no samples"),
     ({"batch_size": 0}, "batch_size"),
     ({"rank": 2, "world_size": 2}, "rank"),
-    ({"tail": "keep"}, "drop_last, pad"),
+    ({"tail": "wrap"}, "drop_last, pad, keep"),
     ({"balance": True}, "labels"),
     ({"batch_size": 64}, "tail='pad'"),
 ])
@@ -199,3 +200,184 @@ def test_params_do_not_depend_on_world_size_or_rank() -> None:
                         np.testing.assert_array_equal(row, by_sample[sid])
                     by_sample[sid] = row
     assert len(by_sample) == n
+
+
+# ---------------------------------------------------------------------------
+# lazy plans: the same batches as before, O(dataset) memory
+
+
+def _legacy_epoch(n, b, seed, epoch, world, tail, labels=None, balance=False):
+    """Frozen copy of the EpochPlan of commit 00ffb53, which materialised rounds x B x W
+    entries: (sample ids, draw ids) of every position of the epoch."""
+    rng = np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1), epoch & (2**64 - 1)]))
+    if balance:
+        sample_ids, occurrence = _legacy_balanced(np.asarray(labels), rng)
+    else:
+        sample_ids = np.arange(n, dtype=np.int64)
+        occurrence = np.zeros(n, dtype=np.int64)
+    perm = rng.permutation(len(sample_ids))
+    sample_ids, occurrence = sample_ids[perm], occurrence[perm]
+    per_round = b * world
+    rounds = len(sample_ids) // per_round if tail == "drop_last" else -(-len(sample_ids)
+                                                                         // per_round)
+    total = rounds * per_round
+    extra = total - len(sample_ids)
+    if extra > 0:
+        wrap = np.arange(extra) % len(sample_ids)
+        sample_ids = np.concatenate([sample_ids, sample_ids[wrap]])
+        bump = (occurrence.max() + 1 + np.arange(extra) // len(perm))
+        occurrence = np.concatenate([occurrence, occurrence[wrap] + bump])
+    return rounds, sample_ids[:total], sample_ids[:total] + occurrence[:total] * n
+
+
+def _legacy_balanced(labels, rng):
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    target = max(len(m) for m in members)
+    ids, occ = [], []
+    for m in members:
+        full, rest = divmod(target, len(m))
+        ids.append(np.tile(m, full))
+        occ.append(np.repeat(np.arange(full), len(m)))
+        if rest:
+            ids.append(np.sort(rng.choice(m, size=rest, replace=False)))
+            occ.append(np.full(rest, full))
+    return np.concatenate(ids).astype(np.int64), np.concatenate(occ).astype(np.int64)
+
+
+LEGACY_CASES = [  # n, batch size, world size, tail, balance
+    (50, 4, 3, "drop_last", False), (50, 4, 3, "pad", False), (96, 4, 1, "drop_last", False),
+    (7, 3, 5, "pad", False), (12, 1024, 3, "pad", False), (1, 1, 1, "pad", False),
+    (100, 10, 2, "drop_last", True), (100, 7, 3, "pad", True), (13, 5, 4, "pad", True),
+]
+
+
+@pytest.mark.parametrize(("n", "b", "world", "tail", "balance"), LEGACY_CASES)
+@pytest.mark.parametrize("seed", [0, 5, 2**62 + 1])
+def test_plans_give_exactly_the_batches_of_the_materialised_plan(n, b, world, tail, balance,
+                                                                  seed) -> None:
+    labels = np.array([0] * (n - n // 3 - n // 10) + [1] * (n // 3) + [4] * (n // 10))
+    epoch = 3
+    rounds, want_ids, want_draws = _legacy_epoch(n, b, seed, epoch, world, tail, labels,
+                                                 balance)
+    plan = EpochPlan(n, b, seed, epoch, 0, world, tail, labels, balance)
+    assert len(plan) == rounds
+    for rank in range(world):
+        for k in range(rounds):
+            got = plan.batch(k, rank)
+            start = (k * world + rank) * b
+            np.testing.assert_array_equal(got.sample_ids, want_ids[start:start + b])
+            np.testing.assert_array_equal(got.draw_ids, want_draws[start:start + b])
+
+
+def test_seeds_past_2_63_give_their_own_orders() -> None:
+    # a key list holding an int >= 2^63 went through float64 before: such seeds collided
+    orders = {tuple(EpochPlan(50, 50, seed, 0).batch(0).sample_ids.tolist())
+              for seed in (2**64 - 1, 2**64 - 2, 2**63, 2**63 + 1)}
+    assert len(orders) == 4
+
+
+def test_a_wide_padded_plan_costs_the_dataset_not_batch_size_x_world_size() -> None:
+    # the 45-byte request of issue 9: 12 samples, batch 1024, 16384 ranks, tail pad
+    plan = EpochPlan(12, 1024, seed=1, epoch=0, world_size=16384, tail="pad")
+    assert plan.order.nbytes == 12 * 4  # not 16.7M entries
+    last = plan.batch(0, rank=16383)
+    start = 16383 * 1024
+    order = plan.order.sample_ids
+    np.testing.assert_array_equal(last.sample_ids, order[np.arange(start, start + 1024) % 12])
+    assert len(set(last.draw_ids.tolist())) == 1024  # every wrap is a new occurrence
+    np.testing.assert_array_equal(last.draw_ids % 12, last.sample_ids)
+
+
+@pytest.mark.parametrize(("b", "world"), [(1024, 2**32 - 1), (2**20, 2**21)])
+def test_rounds_past_the_limit_are_refused(b: int, world: int) -> None:
+    with pytest.raises(ValueError, match=r"over the limit of 2\^40"):
+        EpochPlan(12, b, seed=0, epoch=0, world_size=world, tail="pad")
+    one = EpochPlan(12, 1, seed=0, epoch=0, rank=2**32 - 2, world_size=2**32 - 1, tail="pad")
+    assert len(one) == 1 and len(one.batch(0).sample_ids) == 1
+
+
+# ---------------------------------------------------------------------------
+# evaluation order: no shuffle, tail "keep"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 10, 23, 24])
+def test_keep_deals_every_sample_exactly_once_in_dataset_order(world: int, n: int) -> None:
+    b = 4
+    by_position = {}
+    for rank in range(world):
+        plan = EpochPlan(n, b, seed=3, epoch=2, rank=rank, world_size=world, tail="keep",
+                         shuffle=False)
+        assert len(plan) == rank_batches(n, b, world, rank, "keep")
+        for k in range(len(plan)):
+            batch = plan.batch(k)
+            start = (k * world + rank) * b
+            assert 1 <= len(batch.sample_ids) <= b
+            np.testing.assert_array_equal(batch.sample_ids, np.arange(start, min(start + b, n)))
+            np.testing.assert_array_equal(batch.draw_ids, batch.sample_ids)
+            by_position.update(dict.fromkeys(batch.sample_ids.tolist(), rank))
+    assert sorted(by_position) == list(range(n))
+    counts = [rank_batches(n, b, world, r, "keep") for r in range(world)]
+    assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
+
+
+def test_keep_with_shuffle_covers_the_shuffled_order_once() -> None:
+    n, b, world = 23, 4, 3
+    seen = []
+    for rank in range(world):
+        plan = EpochPlan(n, b, seed=8, epoch=1, rank=rank, world_size=world, tail="keep")
+        seen += [i for k in range(len(plan)) for i in plan.batch(k).sample_ids.tolist()]
+    assert sorted(seen) == list(range(n)) and seen != sorted(seen)
+    # the shuffled order is the same whatever the tail
+    pad = EpochPlan(n, b, seed=8, epoch=1, world_size=world, tail="pad")
+    keep = EpochPlan(n, b, seed=8, epoch=1, world_size=world, tail="keep")
+    np.testing.assert_array_equal(keep.batch(0).sample_ids, pad.batch(0).sample_ids)
+
+
+def test_no_shuffle_with_balance_keeps_dataset_order() -> None:
+    labels = np.array([0] * 6 + [1] * 2 + [2] * 3)
+    plan = EpochPlan(11, 1, seed=4, epoch=0, tail="keep", labels=labels, balance=True,
+                     shuffle=False)
+    ids = np.concatenate([plan.batch(k).sample_ids for k in range(len(plan))])
+    draws = np.concatenate([plan.batch(k).draw_ids for k in range(len(plan))])
+    assert len(ids) == 18 and np.all(np.diff(ids) >= 0)  # repeats next to each other
+    assert np.bincount(labels[ids]).tolist() == [6, 6, 6]
+    assert len(set(draws.tolist())) == 18
+
+
+@pytest.mark.parametrize("tail", ["drop_last", "pad", "keep"])
+def test_rank_batches_matches_the_plans(tail: str) -> None:
+    labels = np.array([0] * 7 + [1] * 2 + [3] * 4)
+    counts = np.bincount(labels)
+    for n, b, world, balance in [(13, 1, 1, False), (13, 2, 2, True), (13, 4, 3, False),
+                                 (13, 5, 1, True), (13, 3, 5, False)]:
+        for rank in range(world):
+            try:
+                plan = EpochPlan(n, b, 1, 2, rank, world, tail, labels=labels, balance=balance)
+            except ValueError:
+                with pytest.raises(ValueError, match="fewer than one round"):
+                    rank_batches(n, b, world, rank, tail, counts if balance else None)
+                continue
+            assert rank_batches(n, b, world, rank, tail, counts if balance else None) == len(plan)
+    with pytest.raises(ValueError, match="rank"):
+        rank_batches(13, 2, 2, 2, tail)
+
+
+# ---------------------------------------------------------------------------
+# substitutes for corrupt samples
+
+
+def test_substitutes_are_deterministic_distinct_draws() -> None:
+    ids, draws = substitutes(seed=5, epoch=2, draw_id=17, num_samples=1000)
+    assert len(ids) == len(draws) == SUBSTITUTE_ATTEMPTS
+    again = substitutes(5, 2, 17, 1000)
+    np.testing.assert_array_equal(ids, again[0])
+    np.testing.assert_array_equal(draws, again[1])
+    assert (0 <= ids).all() and (ids < 1000).all() and len(set(ids.tolist())) > 1
+    assert (draws < 0).all()
+    others = np.concatenate([substitutes(5, 2, d, 1000)[1] for d in range(40)])
+    assert len(set(others.tolist())) == 40 * SUBSTITUTE_ATTEMPTS  # no two slots share a draw
+    assert not np.array_equal(ids, substitutes(5, 3, 17, 1000)[0])
+    with pytest.raises(ValueError, match="cannot be substituted"):
+        substitutes(5, 2, -1, 1000)

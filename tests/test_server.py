@@ -31,6 +31,7 @@ from augsvc import wire
 from augsvc.client import AugmentLoader
 from augsvc.core.spec import AugmentSpec
 from augsvc.engine.dataset import open_dataset
+from augsvc.server import ServerConfig
 from augsvc.wire._proto import augment_pb2 as pb
 from augsvc.wire.convert import spec_to_proto
 
@@ -56,6 +57,13 @@ def connect(address: str, credentials: grpc.ChannelCredentials | None = None,
         channel = grpc.secure_channel(address, credentials, options=options)
     with channel:
         yield channel
+
+
+def augsvc_health(*args: str) -> subprocess.CompletedProcess:
+    """`augsvc health ARGS` as a probe runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "augsvc", "health", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 def health_status(channel: grpc.Channel, service: str = "") -> int:
@@ -253,7 +261,8 @@ def test_corrupt_images_are_dropped_and_the_stream_goes_on(
     bad = {index.paths.index(str(corrupt_folder / "class_01" / "img_0002.jpg")),
            index.paths.index(str(corrupt_folder / "class_02" / "img_0001.jpg"))}
     with connect(server.address) as channel:
-        batches = fetch(channel, stream_request("corrupt", batch_size=4, batches=[]))
+        batches = fetch(channel, stream_request("corrupt", SMALL.replace(corrupt="drop"),
+                                                batch_size=4, batches=[]))
     assert [b.header.batch_index for b in batches] == [0, 1, 2]
     dropped = [d for b in batches for d in b.header.dropped]
     assert {d.sample_id for d in dropped} == bad
@@ -459,6 +468,59 @@ def test_tls(jpeg_folder: Path, certs: dict[str, bytes], mutual: bool) -> None:
         assert images.shape == (2, 32, 32, 3) and len(labels) == 2
 
 
+def test_health_port_and_the_health_command(jpeg_folder: Path,
+                                             certs: dict[str, bytes]) -> None:
+    """Mutual TLS and a token on the main port; --health-port answers in plaintext, in
+    every worker, with health alone; `augsvc health` checks both ports."""
+    d = Path(certs["dir"].decode())
+    tls = ["--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "server.key"),
+           "--tls-client-ca", str(d / "ca.pem")]
+    client = ["--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / "client.pem"),
+              "--tls-key", str(d / "client.key")]
+    with running_server({"photos": jpeg_folder}, *FAST, *tls, "--health-port", "0",
+                        env={"AUGSVC_TOKEN": TOKEN}, workers=2) as server:
+        assert server.health_port not in (None, server.port)
+        health_address = f"{server.host}:{server.health_port}"
+        with contextlib.ExitStack() as stack:
+            channels = [stack.enter_context(connect(health_address)) for _ in range(8)]
+            for channel in channels:
+                assert health_status(channel) == SERVING
+                assert health_status(channel, wire.SERVICE_NAME) == SERVING
+            counts = established_by_pid(server.health_port, server.pids())
+            assert sum(counts.values()) == 8 and min(counts.values()) >= 1, counts
+            error = rpc_error(lambda: wire.AugmentStub(channels[0]).ListDatasets(
+                pb.ListDatasetsRequest(), timeout=10))
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED  # health only
+
+        ok = augsvc_health(health_address)
+        assert (ok.returncode, ok.stdout.strip()) == (0, f"{health_address}: SERVING")
+        ok = augsvc_health(server.address, "--service", wire.SERVICE_NAME, *client)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == f"{server.address} service '{wire.SERVICE_NAME}': SERVING"
+        ok = augsvc_health(f"127.0.0.1:{server.port}", "--tls-server-name", "localhost",
+                           *client)
+        assert ok.returncode == 0, ok.stderr
+        unknown = augsvc_health(health_address, "--service", "no.such.Service")
+        assert unknown.returncode == 1 and "does not know this service" in unknown.stderr
+        for args in ([server.address], [server.address, "--tls-ca", str(d / "ca.pem")]):
+            refused = augsvc_health(*args)  # plaintext to TLS; no client certificate
+            assert refused.returncode == 3 and "no answer: UNAVAILABLE" in refused.stderr
+        for args in (["localhost"], [health_address, "--timeout", "0"],
+                     [health_address, "--tls-cert", str(d / "client.pem")],
+                     [health_address, "--tls-ca", str(d / "missing.pem")]):
+            bad = augsvc_health(*args)
+            assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert server.stop() == 0
+
+
+def test_health_port_is_checked() -> None:
+    config = ServerConfig(datasets={"a": Path("b")}, port=50051, health_port=50051)
+    with pytest.raises(ValueError, match="health port must differ"):
+        config.validate()
+    with pytest.raises(ValueError, match="health port must be in"):
+        ServerConfig(datasets={"a": Path("b")}, health_port=70000).validate()
+
+
 # ---------------------------------------------------------------------------
 # worker processes and shutdown
 
@@ -493,7 +555,7 @@ def test_sigterm_drains_running_streams_then_exits_0(jpeg_folder: Path) -> None:
     spec = AugmentSpec(size=(224, 224), hsv=False, pca=False)
     request = stream_request(spec=spec, batch_size=4, batches=[0, 1, 2] * 20)  # ~36 MB
     with running_server({"photos": jpeg_folder}, *FAST, "--grace", "30",
-                        "--prefetch", "1") as server:
+                        "--prefetch", "1", "--health-port", "0") as server:
         workers = server.pids()
         with connect(server.address) as channel:
             assembler = wire.BatchAssembler()
@@ -511,6 +573,12 @@ def test_sigterm_drains_running_streams_then_exits_0(jpeg_folder: Path) -> None:
                 error = rpc_error(lambda: fetch(probe, stream_request()))
                 assert error.code() == grpc.StatusCode.UNAVAILABLE
                 assert "shutting down" in error.details()
+            health_address = f"{server.host}:{server.health_port}"
+            with connect(health_address) as probe:  # the health-only port drains too
+                assert health_status(probe) == NOT_SERVING
+            draining = augsvc_health(health_address)
+            assert draining.returncode == 1
+            assert draining.stderr.strip() == f"augsvc health: {health_address}: NOT_SERVING"
             for frame in frames:  # the running stream finishes
                 batch = assembler.feed(frame)
                 if batch is not None:

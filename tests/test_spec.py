@@ -76,6 +76,22 @@ def test_invalid_specs_name_the_field(changes: dict, field: str, words: str) -> 
     assert info.value.field == field
     assert f"AugmentSpec.{field}" in str(info.value)
     assert words in str(info.value)
+    if field != "colour_jitter":  # an unknown keyword is Python's TypeError, not a field
+        for make in (lambda: AugmentSpec(**changes), lambda: AugmentSpec().replace(**changes)):
+            with pytest.raises(SpecError, match=f"AugmentSpec.{field}"):
+                make()
+
+
+def test_construction_validates_at_once() -> None:
+    with pytest.raises(SpecError, match="p_hflip: expected a probability") as info:
+        AugmentSpec(p_hflip=2)
+    assert info.value.field == "p_hflip"
+
+
+def test_construction_coerces_lists_and_square_size() -> None:
+    s = AugmentSpec(size=96, scale=[0.5, 1.0])  # type: ignore[arg-type]
+    assert s.size == (96, 96) and s.scale == (0.5, 1.0)
+    assert hash(s) == hash(AugmentSpec(size=(96, 96), scale=(0.5, 1.0)))
 
 
 def test_bad_json_is_a_spec_error() -> None:

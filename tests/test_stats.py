@@ -15,7 +15,7 @@ from PIL import Image
 from augsvc.cli import stats as stats_command
 from augsvc.cli.progress import progress
 from augsvc.core import stats
-from augsvc.core.sampling import draw_params
+from augsvc.core.draws import draw_params
 from augsvc.core.spec import AugmentSpec
 from augsvc.core.stats import IMAGENET, DatasetStats, StatsError
 from augsvc.engine.dataset import open_dataset
@@ -180,6 +180,41 @@ def test_stats_file_and_load_stats(tmp_dataset) -> None:
         load_stats(index, "cifar")
 
 
+# ---------------------------------------------------------------- standard errors
+
+
+def _image_moments(rng: np.random.Generator, n: int, pixels: int = 64) -> stats.PixelMoments:
+    """n synthetic images: each has its own mean colour (the image-to-image spread that a
+    sample of images misses) plus pixel noise, on the 0..255 scale."""
+    image_means = 128 + rng.normal(size=(n, 3)) @ np.diag([30.0, 12.0, 4.0])
+    x = image_means[:, None, :] + rng.normal(scale=10.0, size=(n, pixels, 3))
+    return stats.PixelMoments(x.sum(axis=1), np.einsum("npi,npj->nij", x, x),
+                              np.full(n, float(pixels)))
+
+
+def test_bootstrap_standard_error_matches_the_spread_over_fresh_samples() -> None:
+    """The bootstrap SE from one sample of 60 images is close to the true SE: the spread
+    of the eigenvalues over 400 independent samples of 60 images."""
+    rng = np.random.default_rng(1)
+    truth = np.std([_image_moments(rng, 60).stats("x").eigvals for _ in range(400)], axis=0)
+    boot = np.mean([_image_moments(rng, 60).eigvals_stderr(200, seed=s) for s in range(6)],
+                   axis=0)
+    np.testing.assert_allclose(boot, truth, rtol=0.35)
+    pixel_level = truth[0] / np.sqrt(64)  # what resampling pixels, not images, would miss
+    assert boot[0] > 3 * pixel_level
+
+
+def test_standard_error_is_deterministic_and_zero_without_spread() -> None:
+    m = _image_moments(np.random.default_rng(2), 10)
+    np.testing.assert_array_equal(m.eigvals_stderr(50, seed=3), m.eigvals_stderr(50, seed=3))
+    assert not np.array_equal(m.eigvals_stderr(50, seed=3), m.eigvals_stderr(50, seed=4))
+    same = stats.PixelMoments(np.repeat(m.sums[:1], 5, 0), np.repeat(m.products[:1], 5, 0),
+                              np.repeat(m.pixels[:1], 5))
+    np.testing.assert_allclose(same.eigvals_stderr(50), 0, atol=1e-15)
+    np.testing.assert_array_equal(stats.PixelMoments(m.sums[:1], m.products[:1],
+                                                     m.pixels[:1]).eigvals_stderr(), 0)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -199,6 +234,8 @@ def test_cli_writes_stats_and_summary(tmp_dataset, tmp_path: Path, capsys) -> No
     for word in ("mean", "std", "eigvals", "eigvecs", "images", str(root / "augsvc-stats.json")):
         assert word in out
 
+    assert "stderr" in out and "bootstrap over 6 images" in out
+
     target = tmp_path / "elsewhere.json"
     args = _cli().parse_args(["stats", str(root), "--out", str(target), "--max-images", "2",
                               "--seed", "3", "--no-progress"])
@@ -206,12 +243,29 @@ def test_cli_writes_stats_and_summary(tmp_dataset, tmp_path: Path, capsys) -> No
     assert stats.load(target).num_images == 2
 
 
+def test_cli_sample_is_deterministic_and_reports_standard_errors(tmp_dataset, tmp_path: Path,
+                                                                 capsys) -> None:
+    root = tmp_dataset(per_class=5)
+    outputs = []
+    for name in ("a", "b"):
+        args = _cli().parse_args(["stats", str(root), "--sample", "4", "--seed", "2",
+                                  "--out", str(tmp_path / f"{name}.json"), "--no-progress"])
+        assert args.run(args) == 0
+        outputs.append(capsys.readouterr().out)
+    a, b = (stats.load(tmp_path / f"{n}.json") for n in "ab")
+    assert a.num_images == 4 and a.to_dict() == b.to_dict()
+    line = next(ln for ln in outputs[0].splitlines() if ln.startswith("stderr"))
+    values = [float(v) for v in line.split()[1:4]]
+    assert all(v > 0 for v in values) and "bootstrap over 4 images, 200 resamples" in line
+    assert outputs[0].replace("a.json", "b.json") == outputs[1]  # the same numbers
+
+
 def test_cli_help_and_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _cli().parse_args(["stats", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("PATH", "--out", "--max-images", "--seed", "--no-progress"):
+    for option in ("PATH", "--out", "--sample", "--max-images", "--seed", "--no-progress"):
         assert option in text
     with pytest.raises(SystemExit):
         _cli().parse_args(["stats", str(tmp_path), "--max-images", "0"])

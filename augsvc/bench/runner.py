@@ -53,7 +53,7 @@ class BenchConfig:
     """Everything a bench run needs; defaults fit this project's 2-core CI machine."""
 
     spec: AugmentSpec
-    dataset: Path | None = None  # None: generate a photo-like JPEG set
+    dataset: Path | None = None  # None: crops of real photographs (augsvc.bench.photos)
     images: int = 256  # generated images
     epoch_images: int = 2048  # the generated set is listed repeatedly up to this epoch length
     device: str = "cpu"
@@ -271,24 +271,16 @@ def _image_bytes(spec: AugmentSpec) -> int:
 
 
 def _generate(root: Path, n: int, epoch_images: int, log: Callable[[str], None]) -> Path:
-    """A photo-like JPEG set (~500x375, quality 90) of about n images in 8 classes.
+    """n crops of real photographs (`augsvc.bench.photos`), ~450 px, quality 85-95, in 8
+    classes, as a CSV manifest listing them repeatedly up to `epoch_images` entries (an
+    epoch is thousands of batches, and (b') replays whole cached epochs)."""
+    from augsvc.bench.photos import make_photo_set, repeat_manifest
 
-    Returned as a CSV manifest that lists the set repeatedly, up to `epoch_images`
-    entries: a training epoch is thousands of batches, not the 4 of 256 images, and
-    (b') replays whole cached epochs.
-    """
-    from augsvc.engine.synth import make_dataset
-
-    classes = 8
-    per_class = max(1, -(-n // classes))
-    log(f"generating {classes * per_class} photo-like JPEGs (~500x375, q90) in {root}")
-    make_dataset(root, num_classes=classes, per_class=per_class)
-    files = sorted(root.glob("*/*.jpg"))
-    repeats = max(1, -(-epoch_images // len(files)))
-    manifest = root / "epoch.csv"
-    rows = [f"{f},{int(f.parent.name.split('_')[-1])}\n" for f in files] * repeats
-    manifest.write_text("path,label\n" + "".join(rows))
-    log(f"listed {repeats}x in {manifest.name}: {len(rows)} images per epoch")
+    log(f"generating {n} photo crops (longer side 400-500 px, JPEG q85-95) in {root}")
+    make_photo_set(root, num_images=n)
+    manifest = repeat_manifest(root, epoch_images)
+    rows = manifest.read_text().count("\n") - 1
+    log(f"listed in {manifest.name}: {rows} images per epoch")
     return manifest
 
 

@@ -33,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and print the ratios (a)/(a0), (b)/(a), (b)/(c), (b')/(c), (b'')/(c) and (a)/(d).",
     )
     p.add_argument("--dataset", type=Path, default=None, metavar="PATH",
-                   help="image folder or manifest to use (default: generate a photo-like "
-                   "JPEG set, ~500x375, quality 90, in a temporary folder)")
+                   help="image folder or manifest to use (default: crops of real photographs, "
+                   "longer side 400-500 px, JPEG quality 85-95, ImageNet-like, written to a "
+                   "temporary folder; see augsvc.bench.photos)")
     p.add_argument("--images", type=int, default=256,
                    help="images to generate when --dataset is not given (default: 256)")
     p.add_argument("--epoch-images", type=int, default=2048,

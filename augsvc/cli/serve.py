@@ -10,6 +10,7 @@ from pathlib import Path
 
 TOKEN_ENV = "AUGSVC_TOKEN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STATS_OPTION = ",stats="
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve datasets to trainers over gRPC",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        fromfile_prefix_chars="@",
         description="Serve named datasets over gRPC (service augsvc.v1.Augment, plus the "
         "standard health service and server reflection). Trainers stream augmented batches "
         "with StreamBatches; every random choice is a function of (seed, epoch, sample), so "
@@ -25,15 +27,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Worker processes share one port (SO_REUSEPORT); each has its own DALI pipelines. "
         "On start one line goes to stdout:\n"
         "  augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)\n"
+        "(with --health-port: `..., workers=<w>, health_port=<p>)`).\n"
         "SIGINT (Ctrl-C) or SIGTERM stops gracefully: health turns NOT_SERVING, new streams "
         "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
-        "second signal cancels them. Exit code 0 after a clean stop.",
+        "second signal cancels them. Exit code 0 after a clean stop.\n\n"
+        "@FILE stands for the arguments in FILE, one per line (e.g. --dataset=NAME=PATH), "
+        "such as a mounted Kubernetes ConfigMap listing the datasets.",
     )
-    p.add_argument("--dataset", "-d", metavar="NAME=PATH", action="append", required=True,
+    p.add_argument("--dataset", "-d", metavar="NAME=PATH[,stats=FILE]", action="append",
+                   required=True,
                    help="a dataset to serve under NAME: an image folder (PATH/<class>/<image>) "
-                   "or a CSV manifest; indexed once at start (cached beside it). Statistics "
-                   "from `augsvc stats PATH` are loaded when present. Repeatable; a bare PATH is "
-                   "served under its folder name")
+                   "or a CSV manifest; indexed once at start (cached beside it). Its own "
+                   "statistics (fancy PCA, normalize; spec stats 'auto' or 'dataset') are read "
+                   "from FILE, or else from what `augsvc stats PATH` wrote beside it, when "
+                   "present; without them 'auto' uses the ImageNet preset. Repeatable; a bare "
+                   "PATH is served under its folder name")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                      help="address to listen on; 0.0.0.0 or :: for every interface "
@@ -49,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--max-connection-age-grace", type=float, default=60.0, metavar="SECONDS",
                      help="how long calls running on such a connection may still take before "
                      "it is closed; a loader fetches what was cut off elsewhere (default: 60)")
+    net.add_argument("--health-port", type=int, default=None, metavar="N",
+                     help="also serve grpc.health.v1 alone on this port (same --host), in "
+                     "plaintext and without a token, for probes that speak neither TLS nor "
+                     "tokens (Kubernetes' gRPC probes with --tls-cert on). It reports what the "
+                     "main port reports, NOT_SERVING while draining included; 0 picks a free "
+                     "one, printed on the serving line (default: none)")
     work = p.add_argument_group("processing")
     work.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                       help="where DALI runs: gpu (nvJPEG decode + CUDA kernels), cpu, or auto: "
@@ -102,19 +116,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _datasets(items: list[str]) -> dict[str, Path]:
-    """NAME=PATH items (a bare PATH is named after its folder or file stem)."""
+def _datasets(items: list[str]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(datasets, statistics files) of NAME=PATH[,stats=FILE] items (a bare PATH is named
+    after its folder or file stem)."""
     out: dict[str, Path] = {}
+    stats: dict[str, Path] = {}
     for item in items:
-        name, sep, path = item.partition("=")
+        spec, sep, stats_path = item.rpartition(STATS_OPTION)
         if not sep:
-            name, path = Path(item).stem, item
+            spec, stats_path = item, ""
+        elif not stats_path:
+            raise ValueError(f"--dataset {item!r}: expected NAME=PATH,stats=FILE")
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
         if not name or not path:
-            raise ValueError(f"--dataset {item!r}: expected NAME=PATH")
+            raise ValueError(f"--dataset {item!r}: expected NAME=PATH[,stats=FILE]")
         if name in out:
             raise ValueError(f"--dataset {item!r}: the name {name!r} is given twice")
         out[name] = Path(path)
-    return out
+        if stats_path:
+            stats[name] = Path(stats_path)
+    return out, stats
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -153,10 +176,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         _check_readable(args.tls_cert, args.tls_key, args.tls_client_ca)
+        datasets, stats_files = _datasets(args.dataset)
         config = ServerConfig(
-            datasets=_datasets(args.dataset),
+            datasets=datasets,
+            stats_files=stats_files,
             host=args.host,
             port=args.port,
+            health_port=args.health_port,
             device=args.device,
             device_id=args.device_id,
             workers=args.workers,

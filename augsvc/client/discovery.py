@@ -2,7 +2,8 @@
 
 A target names one server or a set of replicas behind one DNS name (a Kubernetes
 headless Service answers with one address per ready pod). `parse_target` reads it
-(a missing port means 50051); `resolve_addresses` asks the system resolver
+(a missing port means 50051) and `canonical_target` writes it as the loader keeps it;
+a `unix:` socket path is passed to gRPC as it is. `resolve_addresses` asks the system resolver
 (`socket.getaddrinfo`) for every address of the name; `Endpoint` is one of them,
 still carrying the name (TLS checks the certificate against it, and it is the
 `:authority`). `Discovery` turns the loader's targets into the current endpoint set
@@ -22,6 +23,7 @@ __all__ = [
     "Discovery",
     "Endpoint",
     "Resolve",
+    "canonical_target",
     "format_address",
     "parse_target",
     "resolve_addresses",
@@ -71,6 +73,18 @@ def parse_target(target: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def canonical_target(target: str) -> str:
+    """`target` as the loader keeps it: "host:port" (the port added when missing: gRPC
+    would take 443), "dns:///host:port", or a "unix:" socket as given. ValueError as
+    `parse_target`."""
+    text = target.strip() if isinstance(target, str) else target
+    if isinstance(text, str) and text.startswith("unix:") and len(text) > len("unix:"):
+        return text
+    host, port = parse_target(text)
+    address = format_address(host, port)
+    return f"dns:///{address}" if text.startswith("dns:") else address
+
+
 def resolve_addresses(host: str, port: int) -> list[str]:
     """Every address of `host` from the system resolver, one family: IPv4 when it has any.
 
@@ -106,6 +120,8 @@ class Endpoint:
     @property
     def host_name(self) -> str | None:
         """The DNS name the certificate must match, None when the target was an address."""
+        if self.name.startswith("unix:"):
+            return None
         host, _ = parse_target(self.name)
         return None if _is_ip(host) else host
 
@@ -120,7 +136,8 @@ class Discovery:
     """
 
     def __init__(self, targets: Sequence[str], resolve: Resolve, interval: float) -> None:
-        self.targets = tuple(parse_target(t) for t in targets)
+        self.sockets = tuple(t for t in targets if t.startswith("unix:"))
+        self.targets = tuple(parse_target(t) for t in targets if not t.startswith("unix:"))
         self.names = tuple(format_address(h, p) for h, p in self.targets)
         self._resolve, self.interval = resolve, interval
         self._last: dict[int, list[Endpoint]] = {}
@@ -145,7 +162,7 @@ class Discovery:
     def resolve(self) -> list[Endpoint]:
         self._wanted = False
         self.resolved_at = time.monotonic()
-        out: list[Endpoint] = []
+        out = [Endpoint(path, path) for path in self.sockets]
         for i, ((host, port), name) in enumerate(zip(self.targets, self.names, strict=True)):
             if _is_ip(host):
                 found = [Endpoint(name, name)]

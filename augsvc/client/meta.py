@@ -1,4 +1,4 @@
-"""`BatchMeta`: which samples a yielded batch holds, and which were left out."""
+"""`BatchMeta`: which samples a yielded batch holds, and which were left out or replaced."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from augsvc import wire
-from augsvc.core.types import DroppedSample
+from augsvc.core.types import DroppedSample, Substitution
 
 __all__ = ["BatchMeta", "batch_meta"]
 
@@ -20,7 +20,8 @@ class BatchMeta:
     sample_ids: np.ndarray  # (N,) int64
     draw_ids: np.ndarray  # (N,) int64 keys of the samples' random parameters
     dropped: tuple[DroppedSample, ...] = ()
-
+    substituted: tuple[Substitution, ...] = ()  # corrupt samples whose rows hold a stand-in
+    stats_source: str = ""  # the statistics the server used: "dataset" or "imagenet"
 
 
 def batch_meta(batch: wire.AssembledBatch) -> BatchMeta:
@@ -31,4 +32,7 @@ def batch_meta(batch: wire.AssembledBatch) -> BatchMeta:
         sample_ids=batch.sample_ids,
         draw_ids=batch.draw_ids,
         dropped=tuple(DroppedSample(d.sample_id, d.path, d.reason) for d in header.dropped),
+        substituted=tuple(Substitution(s.row, s.sample_id, s.path, s.reason, s.substitute_id)
+                          for s in header.substituted),
+        stats_source=header.stats_source,
     )

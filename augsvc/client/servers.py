@@ -20,7 +20,14 @@ from typing import Any
 import grpc
 
 from augsvc import wire
-from augsvc.client.discovery import Discovery, Endpoint, Resolve, parse_target, resolve_addresses
+from augsvc.client.discovery import (
+    Discovery,
+    Endpoint,
+    Resolve,
+    canonical_target,
+    parse_target,
+    resolve_addresses,
+)
 from augsvc.client.errors import FATAL_CODES, AugsvcError, status
 from augsvc.client.tlsprobe import looks_like_setup_failure, tls_mismatch
 from augsvc.wire._proto import augment_pb2 as pb
@@ -87,7 +94,7 @@ class Server:
 class ServerPool:
     """Where the servers are and how to connect to them (picklable; channels made per use).
 
-    `targets` are names or addresses (`augsvc.client.discovery.parse_target`), each
+    `targets` are names or addresses (`augsvc.client.discovery.canonical_target`), each
     resolved to every address it has by `resolve` (default: the system resolver), again
     every `resolve_interval` s.
     """
@@ -104,7 +111,7 @@ class ServerPool:
     def __post_init__(self) -> None:
         """ValueError / TypeError naming what is wrong with a target or a setting."""
         for target in self.targets:
-            parse_target(target)
+            canonical_target(target)
         for name in ("reconnect_timeout", "resolve_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float))
@@ -140,6 +147,8 @@ class ServerPool:
         """An AugsvcError naming a TLS mismatch, when a failed connection setup was one."""
         code, details = status(err)
         if code is not grpc.StatusCode.UNAVAILABLE or not looks_like_setup_failure(details):
+            return None
+        if endpoint.address.startswith("unix:"):
             return None
         host, port = parse_target(endpoint.address)
         why = tls_mismatch(host, port, tls=self.root_certificates is not None,

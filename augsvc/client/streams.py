@@ -189,8 +189,9 @@ class Stream(threading.Thread):
             return
         self.failures += 1
         if self.server.failed(reason):
-            log.warning("augsvc server %s failed (%s); batch(es) %s handed back for other "
-                        "streams; retrying it with back-off", self.server.target, reason, batches)
+            log.warning("stream %s failed (%s); batch(es) %s handed back for other streams; "
+                        "augsvc server %s is retried with back-off", self.name, reason,
+                        batches, self.server.target)
         else:
             log.info("stream %s failed (%s); batch(es) %s handed back", self.name, reason,
                      batches)

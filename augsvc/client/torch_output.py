@@ -16,7 +16,19 @@ from augsvc.client.meta import BatchMeta, batch_meta
 if TYPE_CHECKING:
     from augsvc.client.loader import AugmentLoader
 
-__all__ = ["torch_allocator", "torch_dataset_class", "torch_device", "torch_finisher"]
+__all__ = ["TORCH_EXTRA", "require_torch", "torch_allocator", "torch_dataset_class",
+           "torch_device", "torch_finisher"]
+
+TORCH_EXTRA = "pip install 'augsvc[torch]'"
+
+
+def require_torch() -> None:
+    """ImportError saying how to install PyTorch, if it is not importable."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"output='torch' needs PyTorch, which is not installed here "
+                          f"({exc}): {TORCH_EXTRA}") from None
 
 
 def torch_device(device: Any) -> Any:
@@ -76,7 +88,7 @@ def torch_dataset_class() -> type:
                 worker = torch.utils.data.get_worker_info()
                 if worker is None:
                     return iter(self.loader)
-                return self.loader._shard(worker.id, worker.num_workers)
+                return self.loader._worker_pass(worker.id, worker.num_workers)
 
             def __len__(self) -> int:
                 return len(self.loader)

@@ -1,6 +1,6 @@
 """The float64 numpy oracle: every augmentation applied from given parameters.
 
-Nothing here draws random values; `augsvc.core.sampling` does. Tests compare the DALI
+Nothing here draws random values; `augsvc.core.draws` does. Tests compare the DALI
 pipeline and the colour kernel against these functions, and `augsvc preview
 --reference` renders with them. Definitions follow DESIGN.md (normative).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from augsvc.core.sampling import COLOR_PARAMS, BatchParams
+from augsvc.core.draws import COLOR_PARAMS, BatchParams
 
 __all__ = [
     "apply",

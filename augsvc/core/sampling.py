@@ -1,190 +1,47 @@
-"""What each rank sees and how each sample is augmented, as pure functions of the seed.
+"""Which samples each rank gets, batch by batch, as pure functions of (seed, epoch).
 
-* `EpochPlan`: the epoch order from (seed, epoch), optional class balancing, and
-  this rank's share of it, batch by batch.
-* `draw_params`: every per-sample parameter for a whole batch, one numpy array per
-  parameter, from a counter-based hash keyed by (seed, epoch, draw id, stream).
+* `EpochOrder`: the epoch order from (seed, epoch), shuffled or not, optionally class
+  balanced; O(dataset) memory, shared by every rank and sharding of the epoch.
+* `Sharding`, `rank_batches`: how the order is dealt out to ranks in batches (tails
+  drop_last, pad, keep); `EpochPlan`: one rank's batches, computed when asked for.
+* `substitutes`: the deterministic stand-ins for a sample that cannot be used.
 
-A sample's draw id is its dataset index, plus `occurrence * num_samples` when it
-appears more than once in an epoch (class balancing, padding), so repeats are
-augmented differently. Parameters depend on nothing else: not on batch size,
-world size, position in the batch, server or stream.
+A sample's draw id, the key of its random parameters (`augsvc.core.draws`), is its
+dataset index, plus `occurrence * num_samples` when it appears more than once in an
+epoch (class balancing, padding), so repeats are augmented differently; a substitute's
+is negative. Draw ids depend on the position in the epoch order only: not on batch
+size, world size, rank, server or stream.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from augsvc.core.spec import AugmentSpec
+from augsvc.core.draws import uniforms
 
-__all__ = ["COLOR_PARAMS", "TAILS", "Batch", "BatchParams", "EpochPlan", "draw_params", "uniforms"]
+__all__ = [
+    "MAX_ROUND",
+    "SUBSTITUTE_ATTEMPTS",
+    "TAILS",
+    "Batch",
+    "EpochOrder",
+    "EpochPlan",
+    "Sharding",
+    "epoch_length",
+    "rank_batches",
+    "substitutes",
+]
 
-COLOR_PARAMS = (
-    "hue_shift", "sat_pow", "sat_scale", "sat_shift", "val_pow", "val_scale", "val_shift",
-    "offset_r", "offset_g", "offset_b",
-)
-TAILS = ("drop_last", "pad")
-RRC_ATTEMPTS = 10
+TAILS = ("drop_last", "pad", "keep")
+MAX_ROUND = 1 << 40  # batch_size x world_size: more is refused (and could overflow draw ids)
+SUBSTITUTE_ATTEMPTS = 8  # substitutes tried for one corrupt sample before it is dropped
 
-# independent random streams, one per kind of parameter
-_CROP, _FLIP, _HSV, _PCA = 1, 2, 3, 4
+_SUBSTITUTE = 5  # the `uniforms` stream of substitutes (1-4 are augsvc.core.draws')
 _MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def uniforms(seed: int, epoch: int, draw_ids: np.ndarray, stream: int, n: int) -> np.ndarray:
-    """(len(draw_ids), n) float64 uniforms in [0, 1), a pure function of every argument."""
-    ids = np.asarray(draw_ids, dtype=np.int64).astype(np.uint64)
-    key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
-    key = _splitmix64(key ^ np.uint64(epoch & _MASK64))
-    per_sample = _splitmix64(key ^ ids)[:, None]
-    counters = (np.uint64(stream) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
-    bits = _splitmix64(per_sample ^ _splitmix64(counters)[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-@dataclass(frozen=True)
-class BatchParams:
-    """Per-sample parameters of one batch; every field has the batch as its first axis."""
-
-    roi: np.ndarray  # (B, 4) float32: y0, x0, y1, x1 in source pixels
-    flip_h: np.ndarray  # (B,) bool
-    flip_v: np.ndarray  # (B,) bool
-    hue_shift: np.ndarray  # (B,) float32, the rest of the colour vector likewise
-    sat_pow: np.ndarray
-    sat_scale: np.ndarray
-    sat_shift: np.ndarray
-    val_pow: np.ndarray
-    val_scale: np.ndarray
-    val_shift: np.ndarray
-    pca_alpha: np.ndarray  # (B, 3) float32, alpha ~ N(0, sigma^2)
-    rgb_offset: np.ndarray  # (B, 3) float32, the fancy-PCA offset in uint8 levels
-
-    def __len__(self) -> int:
-        return len(self.flip_h)
-
-    def color_matrix(self) -> np.ndarray:
-        """(B, 10) float32 in `COLOR_PARAMS` order: what the colour kernel takes."""
-        cols = [getattr(self, name) for name in COLOR_PARAMS[:7]]
-        return np.ascontiguousarray(
-            np.column_stack([*cols, self.rgb_offset]), dtype=np.float32
-        )
-
-    def as_dict(self) -> dict[str, list]:
-        """Plain lists, for printing and replaying a batch."""
-        return {k: v.tolist() for k, v in self.__dict__.items()}
-
-
-def draw_params(
-    spec: AugmentSpec,
-    seed: int,
-    epoch: int,
-    draw_ids: np.ndarray,
-    heights: np.ndarray,
-    widths: np.ndarray,
-    pca_basis: tuple[np.ndarray, np.ndarray] | None = None,
-) -> BatchParams:
-    """Every parameter for a batch; `heights`/`widths` are the source images' sizes.
-
-    `pca_basis` is (eigvecs (3, 3) with eigenvectors as columns, eigvals (3,)) of the RGB
-    covariance on the [0, 1] scale; needed when `spec.pca` is on.
-    """
-    ids = np.asarray(draw_ids, dtype=np.int64)
-    h = np.asarray(heights, dtype=np.float64)
-    w = np.asarray(widths, dtype=np.float64)
-    b = len(ids)
-    roi = _crop_windows(spec, uniforms(seed, epoch, ids, _CROP, 2 * RRC_ATTEMPTS + 2), h, w)
-    u_flip = uniforms(seed, epoch, ids, _FLIP, 2)
-
-    u = uniforms(seed, epoch, ids, _HSV, 8)
-    on = (u[:, 0] < spec.p_hsv) & spec.hsv
-
-    def pick(col: int, rng: tuple[float, float], identity: float, log: bool = False) -> np.ndarray:
-        lo, hi = (math.log(rng[0]), math.log(rng[1])) if log else rng
-        value = lo + u[:, col] * (hi - lo)
-        return np.where(on, np.exp(value) if log else value, identity).astype(np.float32)
-
-    alpha = np.zeros((b, 3))
-    offset = np.zeros((b, 3))
-    if spec.pca and spec.pca_sigma > 0:
-        if pca_basis is None:
-            raise ValueError("spec.pca is on but no PCA basis (eigvecs, eigvals) was given")
-        eigvecs, eigvals = (np.asarray(a, dtype=np.float64) for a in pca_basis)
-        g = uniforms(seed, epoch, ids, _PCA, 6)
-        radius = np.sqrt(-2.0 * np.log1p(-g[:, :3]))  # Box-Muller; 1 - u is in (0, 1]
-        alpha = spec.pca_sigma * radius * np.cos(2.0 * np.pi * g[:, 3:])
-        offset = (alpha * eigvals[None, :]) @ eigvecs.T * 255.0
-
-    return BatchParams(
-        roi=roi.astype(np.float32),
-        flip_h=u_flip[:, 0] < spec.p_hflip,
-        flip_v=u_flip[:, 1] < spec.p_vflip,
-        hue_shift=pick(1, spec.hue_shift, 0.0),
-        sat_pow=pick(2, spec.sat_pow, 1.0, log=True),
-        sat_scale=pick(3, spec.sat_scale, 1.0),
-        sat_shift=pick(4, spec.sat_shift, 0.0),
-        val_pow=pick(5, spec.val_pow, 1.0, log=True),
-        val_scale=pick(6, spec.val_scale, 1.0),
-        val_shift=pick(7, spec.val_shift, 0.0),
-        pca_alpha=alpha.astype(np.float32),
-        rgb_offset=offset.astype(np.float32),
-    )
-
-
-def _crop_windows(spec: AugmentSpec, u: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(B, 4) windows y0, x0, y1, x1 in source pixels for the spec's crop mode."""
-    if spec.crop == "random_resized_crop":
-        return _random_resized_crop(spec, u, h, w)
-    out_h, out_w = spec.size
-    s = spec.resize / np.minimum(h, w)  # the shorter side goes to `resize`
-    if spec.crop == "random_crop":
-        y0 = np.floor(u[:, 0] * (np.floor(h * s) - out_h + 1)) / s
-        x0 = np.floor(u[:, 1] * (np.floor(w * s) - out_w + 1)) / s
-    else:  # center_crop
-        y0 = (h - out_h / s) / 2.0
-        x0 = (w - out_w / s) / 2.0
-    return np.column_stack([y0, x0, y0 + out_h / s, x0 + out_w / s])
-
-
-def _random_resized_crop(
-    spec: AugmentSpec, u: np.ndarray, h: np.ndarray, w: np.ndarray
-) -> np.ndarray:
-    """torchvision's RandomResizedCrop: up to 10 tries, then a centre crop clamped to `ratio`."""
-    n = RRC_ATTEMPTS
-    area = (h * w)[:, None] * (spec.scale[0] + u[:, :n] * (spec.scale[1] - spec.scale[0]))
-    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
-    aspect = np.exp(log_lo + u[:, n : 2 * n] * (log_hi - log_lo))
-    cw = np.rint(np.sqrt(area * aspect))
-    ch = np.rint(np.sqrt(area / aspect))
-    ok = (cw > 0) & (ch > 0) & (cw <= w[:, None]) & (ch <= h[:, None])
-    first = np.argmax(ok, axis=1)
-    rows = np.arange(len(h))
-    found = ok[rows, first]
-    crop_w = np.where(found, cw[rows, first], 0.0)
-    crop_h = np.where(found, ch[rows, first], 0.0)
-    y0 = np.floor(u[:, 2 * n] * (h - crop_h + 1))
-    x0 = np.floor(u[:, 2 * n + 1] * (w - crop_w + 1))
-
-    # fallback: whole image, clamped to the ratio range, centred
-    in_ratio = w / h
-    fb_w = np.where(in_ratio > spec.ratio[1], np.rint(h * spec.ratio[1]), w)
-    fb_h = np.where(in_ratio < spec.ratio[0], np.rint(w / spec.ratio[0]), h)
-    crop_w = np.where(found, crop_w, fb_w)
-    crop_h = np.where(found, crop_h, fb_h)
-    y0 = np.where(found, y0, np.floor((h - crop_h) / 2))
-    x0 = np.where(found, x0, np.floor((w - crop_w) / 2))
-    return np.column_stack([y0, x0, y0 + crop_h, x0 + crop_w])
+_MAX_SUBSTITUTED = (1 << 63) // SUBSTITUTE_ATTEMPTS - 1
 
 
 @dataclass(frozen=True)
@@ -196,14 +53,180 @@ class Batch:
     draw_ids: np.ndarray  # (B,) int64 keys for `draw_params`
 
 
-class EpochPlan:
-    """The epoch order for (seed, epoch) and rank `rank`'s batches of it.
+def epoch_length(num_samples: int, class_counts: Sequence[int] | None = None) -> int:
+    """Entries in an epoch's order: `num_samples`, or with class balancing (`class_counts`,
+    balance=True) every class present up-sampled to the largest one."""
+    if class_counts is None:
+        return num_samples
+    present = [int(c) for c in class_counts if c > 0]
+    return max(present) * len(present) if present else 0
 
-    Rank r's batch k is the slice [(k * world_size + r) * B, ... + B) of the epoch
-    order, so every rank has the same number of batches. `tail="drop_last"` drops the
-    last incomplete round (each sample at most once); `"pad"` completes it by wrapping
-    around the order (each sample at least once). With `balance=True` every class is
-    up-sampled to the size of the largest one before shuffling.
+
+@dataclass(frozen=True)
+class Sharding:
+    """How an epoch order of `length` entries is dealt out to ranks, batch by batch.
+
+    The order is dealt in rounds of batch_size x world_size positions: rank r's batch k
+    is positions [(k * world_size + r) * batch_size, + batch_size). The last incomplete
+    round: `tail="drop_last"` drops it (each sample at most once, every rank the same
+    number of batches); `"pad"` completes it with positions past the end, which wrap
+    around the order (each sample at least once, same counts); `"keep"` keeps it,
+    clipped to `length` (each sample exactly once; a rank may get one batch fewer than
+    another, and the epoch's very last batch may be short).
+    """
+
+    length: int
+    batch_size: int
+    world_size: int = 1
+    tail: str = "drop_last"
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError("the dataset has no samples")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.per_round > MAX_ROUND:
+            raise ValueError(f"batch_size x world_size = {self.per_round} is over the limit of "
+                             f"2^{MAX_ROUND.bit_length() - 1} = {MAX_ROUND} samples per round")
+        if self.tail == "drop_last" and self.length < self.per_round:
+            raise ValueError(f"{self.length} samples are fewer than one round of batch_size x "
+                             f"world_size = {self.per_round}; use tail='pad' or tail='keep'")
+
+    @property
+    def per_round(self) -> int:
+        return self.batch_size * self.world_size
+
+    def num_batches(self, rank: int) -> int:
+        """Batches rank `rank` gets."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={self.world_size}")
+        full, rest = divmod(self.length, self.per_round)
+        if self.tail == "drop_last":
+            return full
+        if self.tail == "pad":
+            return full + (rest > 0)
+        return full + (rest > rank * self.batch_size)
+
+    def span(self, k: int, rank: int) -> tuple[int, int]:
+        """Positions [start, stop) of rank `rank`'s batch k (IndexError out of range)."""
+        n = self.num_batches(rank)
+        if not 0 <= k < n:
+            raise IndexError(f"batch {k} out of range [0, {n})")
+        start = (k * self.world_size + rank) * self.batch_size
+        stop = start + self.batch_size
+        return start, min(stop, self.length) if self.tail == "keep" else stop
+
+
+def rank_batches(
+    num_samples: int,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    tail: str,
+    class_counts: Sequence[int] | None = None,
+) -> int:
+    """Batches rank `rank` gets per epoch, as `EpochPlan` deals them (ValueError when the
+    request cannot be dealt, e.g. fewer samples than one round with drop_last).
+
+    With `class_counts` (balance=True), every class present is up-sampled to the largest.
+    """
+    sharding = Sharding(epoch_length(num_samples, class_counts), batch_size, world_size, tail)
+    return sharding.num_batches(rank)
+
+
+@dataclass(frozen=True, eq=False)
+class EpochOrder:
+    """The order of an epoch's samples for (seed, epoch): what every rank's plan deals from.
+
+    Memory is O(entries) (4 bytes each for datasets under 2^31 samples, 4 more with
+    class balancing) and does not depend on batch size, world size or tail: positions
+    past the end (tail "pad") are computed by `take`, never stored.
+    """
+
+    num_samples: int
+    sample_ids: np.ndarray  # (L,) dataset indices in epoch order
+    occurrence: np.ndarray | None  # (L,) earlier entries of the same sample; None: all 0
+    max_occurrence: int
+
+    @classmethod
+    def build(
+        cls,
+        num_samples: int,
+        seed: int,
+        epoch: int,
+        labels: Sequence[int] | np.ndarray | None = None,
+        balance: bool = False,
+        shuffle: bool = True,
+    ) -> EpochOrder:
+        """The order of (seed, epoch); `shuffle=False` keeps dataset order (a sample's repeats,
+        with `balance`, next to each other). With `balance=True` every class is up-sampled
+        to the size of the largest one (`labels` needed)."""
+        if num_samples < 1:
+            raise ValueError("the dataset has no samples")
+        if balance and labels is None:
+            raise ValueError("balance=True needs the labels")
+        key = np.array([seed & _MASK64, epoch & _MASK64], dtype=np.uint64)  # exact
+        rng = np.random.Generator(np.random.Philox(key=key))
+        occurrence = None
+        if balance:
+            sample_ids, occurrence = _balanced(np.asarray(labels), rng)
+        else:
+            sample_ids = np.arange(num_samples, dtype=np.int64)
+        if shuffle:
+            perm = rng.permutation(len(sample_ids))
+        else:
+            perm = None if occurrence is None else np.argsort(sample_ids, kind="stable")
+        if perm is not None:
+            sample_ids = sample_ids[perm]
+            occurrence = None if occurrence is None else occurrence[perm]
+        top = 0 if occurrence is None else int(occurrence.max())
+        sample_ids = sample_ids.astype(_id_dtype(num_samples))
+        occurrence = None if top == 0 else occurrence.astype(np.int32)
+        for shared in (sample_ids, occurrence):  # read by every stream's producer thread
+            if shared is not None:
+                shared.flags.writeable = False
+        return cls(num_samples, sample_ids, occurrence, top)
+
+    @staticmethod
+    def nbytes_for(num_samples: int, length: int, balance: bool) -> int:
+        """The most memory `build` keeps for an order of `length` entries."""
+        return length * (np.dtype(_id_dtype(num_samples)).itemsize + (4 if balance else 0))
+
+    @property
+    def nbytes(self) -> int:
+        return self.sample_ids.nbytes + (0 if self.occurrence is None else self.occurrence.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def take(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample ids, draw ids) of positions [start, stop), int64.
+
+        A position p past the end is entry p mod L again, as one more occurrence per
+        wrap (after every occurrence of the order itself), so its draw id is new.
+        """
+        pos = np.arange(start, stop, dtype=np.int64)
+        length = len(self)
+        at = pos % length
+        ids = self.sample_ids[at].astype(np.int64)
+        occurrence = (np.zeros(len(pos), np.int64) if self.occurrence is None
+                      else self.occurrence[at].astype(np.int64))
+        wrapped = pos >= length
+        occurrence[wrapped] += self.max_occurrence + 1 + (pos[wrapped] - length) // length
+        return ids, ids + occurrence * self.num_samples
+
+
+class EpochPlan:
+    """Rank `rank`'s batches of the epoch order for (seed, epoch) (see `Sharding`).
+
+    A sample's draw id is its dataset index plus `occurrence * num_samples`, so repeats
+    (balance, tail "pad") are augmented differently. `EpochPlan.from_order` makes plans
+    of any sharding from one shared `EpochOrder`; a batch is computed when asked for.
     """
 
     def __init__(
@@ -217,60 +240,66 @@ class EpochPlan:
         tail: str = "drop_last",
         labels: Sequence[int] | np.ndarray | None = None,
         balance: bool = False,
+        *,
+        shuffle: bool = True,
     ) -> None:
-        if num_samples < 1:
-            raise ValueError("the dataset has no samples")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
                              f"world_size={world_size}")
-        if tail not in TAILS:
-            raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
-        if balance and labels is None:
-            raise ValueError("balance=True needs the labels")
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.rank, self.world_size = rank, world_size
-        rng = np.random.Generator(np.random.Philox(key=[seed & _MASK64, epoch & _MASK64]))
-        if balance:
-            sample_ids, occurrence = _balanced(np.asarray(labels), rng)
-        else:
-            sample_ids = np.arange(num_samples, dtype=np.int64)
-            occurrence = np.zeros(num_samples, dtype=np.int64)
-        perm = rng.permutation(len(sample_ids))
-        sample_ids, occurrence = sample_ids[perm], occurrence[perm]
-        per_round = batch_size * world_size
-        if tail == "drop_last":
-            rounds = len(sample_ids) // per_round
-        else:
-            rounds = -(-len(sample_ids) // per_round)
-        if rounds == 0:
-            raise ValueError(f"{len(sample_ids)} samples are fewer than one round of "
-                             f"batch_size x world_size = {per_round}; use tail='pad'")
-        total = rounds * per_round
-        extra = total - len(sample_ids)
-        if extra > 0:
-            wrap = np.arange(extra) % len(sample_ids)
-            sample_ids = np.concatenate([sample_ids, sample_ids[wrap]])
-            bump = (occurrence.max() + 1 + np.arange(extra) // len(perm))
-            occurrence = np.concatenate([occurrence, occurrence[wrap] + bump])
-        self.num_batches = rounds
-        self._sample_ids = sample_ids[:total]
-        self._draw_ids = self._sample_ids + occurrence[:total] * num_samples
+        order = EpochOrder.build(num_samples, seed, epoch, labels, balance, shuffle)
+        self._setup(order, Sharding(len(order), batch_size, world_size, tail), rank)
+
+    @classmethod
+    def from_order(cls, order: EpochOrder, sharding: Sharding, rank: int = 0) -> EpochPlan:
+        """The plan of rank `rank` dealing `order` as `sharding` says (no copy of the order)."""
+        if sharding.length != len(order):
+            raise ValueError(f"the sharding is for {sharding.length} entries, the order has "
+                             f"{len(order)}")
+        plan = cls.__new__(cls)
+        plan._setup(order, sharding, rank)
+        return plan
+
+    def _setup(self, order: EpochOrder, sharding: Sharding, rank: int) -> None:
+        self.order, self.sharding = order, sharding
+        self.num_samples, self.batch_size = order.num_samples, sharding.batch_size
+        self.rank, self.world_size = rank, sharding.world_size
+        self.num_batches = sharding.num_batches(rank)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def batch(self, k: int, rank: int | None = None) -> Batch:
         """Batch number k (0-based) of this plan's rank, or of `rank` (same epoch order)."""
-        if not 0 <= k < self.num_batches:
-            raise IndexError(f"batch {k} out of range [0, {self.num_batches})")
         rank = self.rank if rank is None else rank
         if not 0 <= rank < self.world_size:
             raise IndexError(f"rank {rank} out of range [0, {self.world_size})")
-        start = (k * self.world_size + rank) * self.batch_size
-        sl = slice(start, start + self.batch_size)
-        return Batch(k, self._sample_ids[sl].copy(), self._draw_ids[sl].copy())
+        sample_ids, draw_ids = self.order.take(*self.sharding.span(k, rank))
+        return Batch(k, sample_ids, draw_ids)
+
+
+def substitutes(
+    seed: int, epoch: int, draw_id: int, num_samples: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The substitutes to try, in order, for the sample of draw `draw_id` when it cannot be
+    used (corrupt image): (sample ids, draw ids), `SUBSTITUTE_ATTEMPTS` of each.
+
+    A pure function of (seed, epoch, draw id), hence of the sample's position in the
+    epoch: the same on every server. Attempt a's draw id is `-1 - (draw_id *
+    SUBSTITUTE_ATTEMPTS + a)`: negative, so distinct from every ordinary draw id and
+    from every other substitute's, and the substitute is augmented as a draw of its own.
+    Its sample is uniform over the dataset (it may be the corrupt sample itself, which
+    the caller then skips like any other unusable candidate).
+    """
+    if not 0 <= draw_id < _MAX_SUBSTITUTED:
+        raise ValueError(f"draw id {draw_id} cannot be substituted (need 0 <= id < "
+                         f"{_MAX_SUBSTITUTED})")
+    draws = -1 - (draw_id * SUBSTITUTE_ATTEMPTS + np.arange(SUBSTITUTE_ATTEMPTS, dtype=np.int64))
+    u = uniforms(seed, epoch, draws, _SUBSTITUTE, 1)[:, 0]
+    return np.minimum((u * num_samples).astype(np.int64), num_samples - 1), draws
+
+
+def _id_dtype(num_samples: int) -> type[np.signedinteger]:
+    return np.int32 if num_samples <= np.iinfo(np.int32).max else np.int64
 
 
 def _balanced(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,10 @@
 """AugmentSpec: every switch, range and probability of an augmentation request.
 
-A spec is a frozen dataclass of flat, typed fields (timm style). `validate()` checks
-every field and raises `SpecError` naming the field and what is allowed; the
-server maps that to INVALID_ARGUMENT. `to_dict`/`from_dict` round-trip through
-plain JSON; unknown keys are errors, not silently ignored.
+A spec is a frozen dataclass of flat, typed fields (timm style). It is checked when it
+is made: `AugmentSpec(p_hflip=2)` raises `SpecError` naming the field and what is
+allowed (the server maps the same error to INVALID_ARGUMENT). Lists become tuples and
+an integer `size` a square. `to_dict`/`from_dict` round-trip through plain JSON;
+unknown keys are errors, not silently ignored.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CROP_MODES", "DTYPES", "LAYOUTS", "STATS_SOURCES", "AugmentSpec", "SpecError"]
+__all__ = ["CORRUPT_POLICIES", "CROP_MODES", "DTYPES", "LAYOUTS", "STATS_CHOICES", "STATS_SOURCES",
+           "AugmentSpec", "SpecError"]
 
 CROP_MODES = ("random_resized_crop", "random_crop", "center_crop")
 LAYOUTS = ("NHWC", "NCHW")
 DTYPES = ("uint8", "float16", "float32")
 INTERPOLATIONS = ("linear", "cubic", "triangular", "nearest")
-STATS_SOURCES = ("imagenet", "dataset")
+STATS_SOURCES = ("imagenet", "dataset")  # where statistics come from
+STATS_CHOICES = ("auto", *STATS_SOURCES)  # "auto": the dataset's own when it has them
+CORRUPT_POLICIES = ("substitute", "drop")
 MAX_SIZE = 4096
 
 
@@ -67,7 +71,15 @@ class AugmentSpec:
     normalize: bool = False
     layout: str = "NHWC"
     dtype: str = "uint8"
-    stats: str = "imagenet"
+    stats: str = "auto"
+    # a sample whose image cannot be decoded: "substitute" keeps the batch full with a
+    # deterministic stand-in (augsvc.core.sampling.substitutes); "drop" leaves it out
+    corrupt: str = "substitute"
+
+    def __post_init__(self) -> None:
+        for name, value in _coerce(self.__dict__).items():
+            object.__setattr__(self, name, value)
+        self.validate()
 
     @classmethod
     def alexnet(cls) -> AugmentSpec:
@@ -76,12 +88,14 @@ class AugmentSpec:
 
     @classmethod
     def eval(cls) -> AugmentSpec:
-        """Evaluation preset: shorter side to 256, centre crop 224, no flips, no colour ops."""
-        return cls(crop="center_crop", p_hflip=0.0, p_vflip=0.0, hsv=False, pca=False)
+        """Evaluation preset: shorter side to 256, centre crop 224, no flips, no colour ops;
+        corrupt images dropped (and reported), never replaced by another sample."""
+        return cls(crop="center_crop", p_hflip=0.0, p_vflip=0.0, hsv=False, pca=False,
+                   corrupt="drop")
 
     def replace(self, **changes: Any) -> AugmentSpec:
         """A validated copy with `changes` applied (the original is not touched)."""
-        return dataclasses.replace(self, **_coerce(changes)).validate()
+        return dataclasses.replace(self, **changes)
 
     @property
     def colour(self) -> bool:
@@ -94,7 +108,8 @@ class AugmentSpec:
         _choice("layout", self.layout, LAYOUTS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
-        _choice("stats", self.stats, STATS_SOURCES)
+        _choice("stats", self.stats, STATS_CHOICES)
+        _choice("corrupt", self.corrupt, CORRUPT_POLICIES)
         if (
             len(self.size) != 2
             or not all(isinstance(v, int) and 1 <= v <= MAX_SIZE for v in self.size)
@@ -146,11 +161,7 @@ class AugmentSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(unknown[0], f"unknown field; known fields: {', '.join(sorted(known))}")
-        try:
-            spec = cls(**_coerce(data))
-        except TypeError as exc:  # pragma: no cover - guarded by the key check above
-            raise SpecError("<spec>", str(exc)) from exc
-        return spec.validate()
+        return cls(**data)
 
     def to_json(self) -> str:
         """Compact JSON text of `to_dict()`."""
@@ -166,15 +177,14 @@ class AugmentSpec:
         return cls.from_dict(data)
 
 
-def _coerce(data: dict[str, Any]) -> dict[str, Any]:
-    """Lists from JSON become tuples; an int `size` means a square."""
+def _coerce(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields to change: lists (from JSON) become tuples; an int `size` means a square."""
     out = {}
-    for key, value in data.items():
+    for key, value in fields.items():
         if key == "size" and isinstance(value, int) and not isinstance(value, bool):
-            value = (value, value)
-        if isinstance(value, list):
-            value = tuple(value)
-        out[key] = value
+            out[key] = (value, value)
+        elif isinstance(value, list):
+            out[key] = tuple(value)
     return out
 
 

@@ -7,7 +7,7 @@ Eigenvectors are the COLUMNS of `eigvecs` (numpy.linalg.eigh convention), ordere
 by descending eigenvalue. Sign rule for computed stats: each column's component of
 largest magnitude is positive (the first such component on ties). Eigenvalues are
 clipped at 0 (a covariance is positive semi-definite; rounding can dip below).
-The fancy-PCA offset is `eigvecs @ (alpha * eigvals)`, see `augsvc.core.sampling`.
+The fancy-PCA offset is `eigvecs @ (alpha * eigvals)`, see `augsvc.core.draws`.
 
 File format (JSON, `save`/`load`; what `augsvc stats PATH` writes):
 
@@ -39,6 +39,7 @@ __all__ = [
     "FORMAT",
     "IMAGENET",
     "DatasetStats",
+    "PixelMoments",
     "StatsError",
     "load",
 ]
@@ -96,7 +97,7 @@ class DatasetStats:
         return cls(mean, std, cov, eigvals, eigvecs, int(num_images), int(num_pixels), source)
 
     def pca_basis(self) -> tuple[np.ndarray, np.ndarray]:
-        """(eigvecs, eigvals), what `augsvc.core.sampling.draw_params` takes as `pca_basis`."""
+        """(eigvecs, eigvals), what `augsvc.core.draws.draw_params` takes as `pca_basis`."""
         return self.eigvecs, self.eigvals
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +156,62 @@ class DatasetStats:
         ]
         lines += [f"          {row(r)}" for r in self.eigvecs]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True, eq=False)
+class PixelMoments:
+    """Per-image RGB pixel moments on the 0..255 scale, what `DatasetStats` is pooled from.
+
+    Image i has `pixels[i]` pixels with channel sums `sums[i]` (3,) and sums of products
+    `products[i]` (3, 3). All are sums of integers, so float64 holds them exactly
+    below ~1e11 pixels, and pooling them gives the same numbers as one pass over all
+    pixels.
+    """
+
+    sums: np.ndarray  # (n, 3)
+    products: np.ndarray  # (n, 3, 3)
+    pixels: np.ndarray  # (n,)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def stats(self, source: str) -> DatasetStats:
+        """The pooled statistics of every image (every pixel weighs the same)."""
+        if len(self) == 0 or self.pixels.sum() == 0:
+            raise StatsError("no pixels to compute statistics from")
+        mean, cov = _pooled(self.sums.sum(axis=0), self.products.sum(axis=0), self.pixels.sum())
+        return DatasetStats.from_moments(mean, cov, len(self), int(self.pixels.sum()), source)
+
+    def eigvals_stderr(self, replicates: int = 200, seed: int = 0) -> np.ndarray:
+        """(3,) standard errors of the eigenvalues (descending, [0, 1] scale) by a bootstrap
+        over images: `replicates` resamples of the n images with replacement, drawn from
+        `seed` (deterministic), each pooled like `stats`; their standard deviation.
+
+        The image, not the pixel, is the unit resampled: the pixels of one image are far
+        from independent, so a per-pixel error would be much too small. 0 for 1 image.
+        """
+        n = len(self)
+        if n < 2:
+            return np.zeros(3)
+        rng = np.random.default_rng(seed)
+        values = np.empty((replicates, 3))
+        for r in range(replicates):
+            weights = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+            pixels = weights @ self.pixels
+            if pixels == 0:
+                values[r] = 0.0
+                continue
+            _, cov = _pooled(weights @ self.sums, np.tensordot(weights, self.products, 1), pixels)
+            values[r] = np.clip(np.sort(np.linalg.eigvalsh((cov + cov.T) / 2))[::-1], 0, None)
+        return values.std(axis=0, ddof=1)
+
+
+def _pooled(total: np.ndarray, products: np.ndarray, pixels: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) on the [0, 1] scale from 0..255 sums over `pixels` pixels."""
+    mean = total / pixels
+    cov = products / pixels - np.outer(mean, mean)
+    return mean / 255.0, cov / 255.0**2
 
 
 def load(path: str | os.PathLike[str]) -> DatasetStats:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DroppedSample"]
+__all__ = ["DroppedSample", "Substitution"]
 
 
 @dataclass(frozen=True)
@@ -14,3 +14,15 @@ class DroppedSample:
     sample_id: int
     path: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """A sample that could not be used, replaced in row `row` of its batch by sample
+    `substitute_id`; `BatchHeader.substituted`."""
+
+    row: int
+    sample_id: int
+    path: str
+    reason: str
+    substitute_id: int

@@ -1,35 +1,42 @@
 """The augmentation engine: dataset + spec + statistics + DALI pipeline -> augmented batches.
 
 `Augmenter.run(seed, epoch, sample_ids, draw_ids)` reads the files (thread pool),
-draws the batch's parameters (`augsvc.core.sampling`), runs the pipeline and returns an
+draws the batch's parameters (`augsvc.core.draws`), runs the pipeline and returns an
 `AugmentedBatch`. The server and the in-process benchmark both use it, so what a
 trainer receives over the wire is exactly what this returns.
 
-Corrupt-image policy (see `augsvc.engine.dataset`): a sample whose bytes fail
-`check_encoded`, or that DALI cannot decode, is DROPPED from its batch and listed in
-`AugmentedBatch.dropped` with its path and the reason; the batch is then shorter.
-Nothing is substituted. Limit: damage inside the entropy-coded data of a JPEG whose
-structure is intact is repaired by libjpeg with a warning ("Corrupt JPEG data"), not
-an error, so such an image is decoded with artefacts, as every JPEG decoder would.
+Corrupt-image policy (`AugmentSpec.corrupt`; see `augsvc.engine.dataset`): a sample
+is unusable when its file cannot be read, its bytes fail `check_encoded`, or DALI
+cannot decode it. With "substitute" (the default) its row goes to the first usable
+of `augsvc.core.sampling.substitutes(seed, epoch, draw id)`: a pure function of the
+sample's place in the epoch, so every server picks the same stand-in and augments it
+the same way (its own, negative, draw id); it is listed in `AugmentedBatch.substituted`.
+If none of the `SUBSTITUTE_ATTEMPTS` stand-ins is usable, or with "drop", the sample
+is DROPPED: left out of the batch (which is then shorter) and listed in
+`AugmentedBatch.dropped` with its path and the reason. Limit: damage inside the
+entropy-coded data of a JPEG whose structure is intact is repaired by libjpeg with a
+warning ("Corrupt JPEG data"), not an error, so such an image is decoded with
+artefacts, as every JPEG decoder would.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from augsvc.core.sampling import Batch, BatchParams, draw_params
+from augsvc.core.draws import BatchParams, draw_params
+from augsvc.core.sampling import SUBSTITUTE_ATTEMPTS, Batch, substitutes
 from augsvc.core.spec import AugmentSpec
 from augsvc.core.stats import DatasetStats
-from augsvc.core.types import DroppedSample
+from augsvc.core.types import DroppedSample, Substitution
 from augsvc.engine.dataset import DatasetIndex, check_encoded
 from augsvc.engine.pipeline import AugmentPipeline, PipelineError
 
-__all__ = ["AugmentedBatch", "Augmenter", "DroppedSample"]
+__all__ = ["AugmentedBatch", "Augmenter", "DroppedSample", "Substitution"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,20 @@ class AugmentedBatch:
     sample_ids: np.ndarray
     draw_ids: np.ndarray
     dropped: tuple[DroppedSample, ...] = ()
+    substituted: tuple[Substitution, ...] = ()
+
+
+@dataclass
+class _Slot:
+    """One row of a batch being made: the sample it holds now, and what became of its own."""
+
+    own_id: int  # the row's own sample
+    sample_id: int  # the sample it holds now (a substitute after a substitution)
+    draw_id: int
+    data: np.ndarray | None  # its encoded bytes; None: nothing usable (the row is dropped)
+    reason: str | None = None  # why the row's own sample could not be used
+    candidates: Iterator[tuple[int, int]] | None = None  # substitutes not tried yet
+    decoded: bool = False  # known to decode (checked alone after a batch failed)
 
 
 class Augmenter:
@@ -94,31 +115,18 @@ class Augmenter:
     def run(
         self, seed: int, epoch: int, sample_ids: Sequence[int], draw_ids: Sequence[int]
     ) -> AugmentedBatch:
-        """Read, augment and return these samples (corrupt ones dropped and reported)."""
-        ids = np.asarray(sample_ids, dtype=np.int64)
-        draws = np.asarray(draw_ids, dtype=np.int64)
-        encoded = list(self._io.map(self._read, ids.tolist()))
-        dropped = [
-            DroppedSample(int(i), self.index.paths[i], reason)
-            for i, (_, reason) in zip(ids, encoded, strict=True) if reason
-        ]
-        keep = np.array([reason is None for _, reason in encoded], dtype=bool)
-        data = [d for d, reason in encoded if reason is None]
-        images, failed = self._augment(seed, epoch, ids[keep], draws[keep], data)
-        if failed:
-            kept_ids = ids[keep]
-            dropped += [DroppedSample(int(kept_ids[j]), self.index.paths[kept_ids[j]], why)
-                        for j, why in failed.items()]
-            keep[np.flatnonzero(keep)[list(failed)]] = False
-        for d in dropped:
-            log.warning("dropped sample %d (%s): %s", d.sample_id, d.path, d.reason)
-        return AugmentedBatch(
-            images=images,
-            labels=self.index.labels[ids[keep]],
-            sample_ids=ids[keep],
-            draw_ids=draws[keep],
-            dropped=tuple(sorted(dropped, key=lambda d: d.sample_id)),
-        )
+        """Read, augment and return these samples (corrupt ones substituted or dropped, and
+        reported, as `spec.corrupt` says)."""
+        ids = np.asarray(sample_ids, dtype=np.int64).tolist()
+        draws = np.asarray(draw_ids, dtype=np.int64).tolist()
+        slots = []
+        for i, d, (data, reason) in zip(ids, draws, self._io.map(self._read, ids), strict=True):
+            slot = _Slot(i, i, d, data)
+            if reason is not None:
+                self._reject(seed, epoch, slot, reason)
+            slots.append(slot)
+        images = self._augment(seed, epoch, slots)
+        return self._result(slots, images)
 
     def _read(self, i: int) -> tuple[np.ndarray, str | None]:
         """The file's bytes as a uint8 array, or a reason why they cannot be used."""
@@ -128,32 +136,76 @@ class Augmenter:
             return np.empty(0, np.uint8), f"unreadable: {exc}"
         return np.frombuffer(raw, dtype=np.uint8), check_encoded(raw)
 
-    def _augment(
-        self,
-        seed: int,
-        epoch: int,
-        ids: np.ndarray,
-        draws: np.ndarray,
-        data: list[np.ndarray],
-    ) -> tuple[np.ndarray, dict[int, str]]:
-        """Run the pipeline; if DALI rejects the batch, find the bad samples one by one."""
-        if not data:
-            return self._empty(), {}
-        params = self.params(seed, epoch, ids, draws)
-        try:
-            return self.pipeline.run(data, params), {}
-        except PipelineError:
-            log.info("batch failed in DALI; retrying its %d samples one by one", len(data))
-        failed: dict[int, str] = {}
-        for j in range(len(data)):
+    def _reject(self, seed: int, epoch: int, slot: _Slot, reason: str) -> None:
+        """The slot's current sample is unusable: move to the next usable substitute, or
+        leave the slot empty (dropped)."""
+        slot.data, slot.decoded = None, False
+        if slot.reason is None:  # the row's own sample
+            slot.reason = reason
+            if self.spec.corrupt == "substitute":
+                subs, sub_draws = substitutes(seed, epoch, slot.draw_id, len(self.index))
+                slot.candidates = zip(subs.tolist(), sub_draws.tolist(), strict=True)
+        for sample_id, draw_id in slot.candidates or ():
+            data, why = self._read(sample_id)
+            if why is None:
+                slot.sample_id, slot.draw_id, slot.data = sample_id, draw_id, data
+                return
+
+    def _augment(self, seed: int, epoch: int, slots: list[_Slot]) -> np.ndarray:
+        """Run the pipeline; while DALI rejects the batch, find the samples it cannot decode
+        (one by one) and reject them."""
+        while True:
+            live = [s for s in slots if s.data is not None]
+            if not live:
+                return self._empty()
+            params = self.params(seed, epoch, [s.sample_id for s in live],
+                                 [s.draw_id for s in live])
             try:
-                self.pipeline.run([data[j]], _take(params, [j]))
-            except PipelineError as exc:
-                failed[j] = f"decode failed: {_first_line(exc)}"
-        good = [j for j in range(len(data)) if j not in failed]
-        if not good:
-            return self._empty(), failed
-        return self.pipeline.run([data[j] for j in good], _take(params, good)), failed
+                return self.pipeline.run([s.data for s in live], params)
+            except PipelineError:
+                log.info("batch failed in DALI; retrying its %d samples one by one", len(live))
+            failed = False
+            for j, slot in enumerate(live):
+                if slot.decoded:
+                    continue
+                try:
+                    self.pipeline.run([slot.data], _take(params, [j]))
+                    slot.decoded = True
+                except PipelineError as exc:
+                    failed = True
+                    self._reject(seed, epoch, slot, f"decode failed: {_first_line(exc)}")
+            if not failed:  # every sample decodes alone: not something a sample did
+                return self.pipeline.run([s.data for s in live], params)
+
+    def _result(self, slots: list[_Slot], images: np.ndarray) -> AugmentedBatch:
+        """The batch of the rows that hold a sample, and what was dropped or substituted."""
+        paths = self.index.paths
+        ids: list[int] = []
+        draws: list[int] = []
+        dropped, substituted = [], []
+        for slot in slots:
+            if slot.data is None:
+                why = slot.reason if slot.candidates is None else (
+                    f"{slot.reason}; no usable substitute in {SUBSTITUTE_ATTEMPTS} tries")
+                dropped.append(DroppedSample(slot.own_id, paths[slot.own_id], why))
+                log.warning("dropped sample %d (%s): %s", slot.own_id, paths[slot.own_id], why)
+                continue
+            if slot.reason is not None:
+                substituted.append(Substitution(len(ids), slot.own_id, paths[slot.own_id],
+                                                slot.reason, slot.sample_id))
+                log.warning("sample %d (%s) replaced by sample %d: %s", slot.own_id,
+                            paths[slot.own_id], slot.sample_id, slot.reason)
+            ids.append(slot.sample_id)
+            draws.append(slot.draw_id)
+        sample_ids = np.array(ids, dtype=np.int64)
+        return AugmentedBatch(
+            images=images,
+            labels=self.index.labels[sample_ids],
+            sample_ids=sample_ids,
+            draw_ids=np.array(draws, dtype=np.int64),
+            dropped=tuple(sorted(dropped, key=lambda d: d.sample_id)),
+            substituted=tuple(substituted),
+        )
 
     def _empty(self) -> np.ndarray:
         """A zero-sample batch of the output shape and dtype."""

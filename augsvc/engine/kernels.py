@@ -280,7 +280,7 @@ def color(images: DataNode, params: DataNode, device: str) -> DataNode:
     """Apply the exact colour op to uint8 HWC RGB `images` (on `device`, "cpu" or "gpu").
 
     `params` is a CPU DataNode whose samples are float32 vectors of length 10, in
-    `augsvc.core.sampling.COLOR_PARAMS` order (e.g. `fn.external_source(batch=True)` fed a
+    `augsvc.core.draws.COLOR_PARAMS` order (e.g. `fn.external_source(batch=True)` fed a
     (B, 10) float32 array). It reaches the operator as the per-sample argument input
     `params`, which DALI keeps on the CPU for both backends.
     """

@@ -6,7 +6,7 @@ operator) -> the exact colour kernel (`augsvc.engine.kernels`) -> `fn.flip` -> o
 `fn.crop_mirror_normalize` for normalisation, layout and dtype. Flipping after the
 colour kernel equals DESIGN's crop -> flip -> colour order, since colour is per pixel.
 
-Every random value comes from `augsvc.core.sampling` as one array per parameter per batch,
+Every random value comes from `augsvc.core.draws` as one array per parameter per batch,
 fed through `fn.external_source`; DALI's own random operators are never used.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from augsvc.core.sampling import BatchParams
+from augsvc.core.draws import BatchParams
 from augsvc.core.spec import AugmentSpec
 
 __all__ = ["DEVICES", "AugmentPipeline", "PipelineError"]

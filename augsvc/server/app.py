@@ -3,7 +3,10 @@
 The `augsvc.v1.Augment` service (`augsvc.server.servicer`), the standard health service
 (`grpc.health.v1`, statuses for "" and "augsvc.v1.Augment") and server reflection, with
 optional TLS / mutual TLS and a bearer token (health and reflection stay open for
-probes). `start_server(config)` runs one in-process, for tests and embedding; `augsvc
+probes). With `health_port` a second, plaintext gRPC server beside it serves only
+`grpc.health.v1` from the same health servicer (so draining shows NOT_SERVING there too):
+probes that speak neither TLS nor tokens (Kubernetes' gRPC probes) check a TLS server
+through it. `start_server(config)` runs one in-process, for tests and embedding; `augsvc
 serve` runs one per worker process (`augsvc.server.supervisor`).
 """
 
@@ -33,6 +36,7 @@ log = logging.getLogger("augsvc.server")
 # Threads beyond --max-streams for unary calls, health checks, reflection and the
 # immediate rejection of streams over the limit.
 SPARE_THREADS = 16
+HEALTH_THREADS = 4  # for the health-only server of --health-port
 
 
 
@@ -49,9 +53,11 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class AugmentServer:
     """One gRPC server: the Augment service, health and reflection, on `config.host`.
 
-    `port` overrides `config.port` (0: an ephemeral port, see `.port`). `reuse_port`
-    lets several processes bind the same port (the workers of `serve`). `catalog`
-    defaults to `load_catalog(config.datasets)`.
+    `port` and `health_port` override `config.port` and `config.health_port` (0: an
+    ephemeral port, see `.port` and `.health_port`, None when there is no health-only
+    server). `reuse_port` lets several processes bind the same ports (the workers of
+    `serve`). `catalog` defaults to
+    `load_catalog(config.datasets, config.stats_files)`.
     """
 
     def __init__(
@@ -60,10 +66,12 @@ class AugmentServer:
         catalog: Catalog | None = None,
         *,
         port: int | None = None,
+        health_port: int | None = None,
         reuse_port: bool = False,
     ) -> None:
         self.config = config.validate()
-        self.catalog = catalog if catalog is not None else load_catalog(config.datasets)
+        self.catalog = (catalog if catalog is not None
+                        else load_catalog(config.datasets, config.stats_files))
         self.pool = PipelinePool(
             device=config.resolved_device(),
             device_id=config.device_id,
@@ -75,15 +83,15 @@ class AugmentServer:
                                         max_batch_size=config.max_batch_size,
                                         prefetch=config.prefetch,
                                         cache_bytes=config.batch_cache_mb << 20)
-        self._executors = (
+        self._executors = [
             futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),
             futures.ThreadPoolExecutor(max_workers=config.max_streams + SPARE_THREADS,
                                        thread_name_prefix="augsvc-rpc"),
-        )
+        ]
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
-        options = [*wire.server_options(), ("grpc.so_reuseport", 1 if reuse_port else 0),
-                   *config.connection_options()]
+        reuse = ("grpc.so_reuseport", 1 if reuse_port else 0)
+        options = [*wire.server_options(), reuse, *config.connection_options()]
         interceptors = [TokenInterceptor(config.token)] if config.token else []
         self._server = grpc.server(
             self._executors[1],
@@ -94,27 +102,45 @@ class AugmentServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        bind = address(config.host, config.port if port is None else port)
-        credentials = _server_credentials(config)
-        try:
-            if credentials is None:
-                self.port = self._server.add_insecure_port(bind)
-            else:
-                self.port = self._server.add_secure_port(bind, credentials)
-        except RuntimeError as exc:  # grpc raises on a failed bind
-            raise OSError(f"cannot listen on {bind}: {exc}") from exc
-        if self.port == 0:
-            raise OSError(f"cannot listen on {bind}")
+        self.port = self._bind(self._server, config.port if port is None else port,
+                               _server_credentials(config))
         self.address = address(config.host, self.port)
+        self._servers = [self._server]
+        self.health_port: int | None = None
+        if health_port is None:
+            health_port = config.health_port
+        if health_port is not None:
+            self._executors.append(futures.ThreadPoolExecutor(
+                max_workers=HEALTH_THREADS, thread_name_prefix="augsvc-health-port"))
+            health_server = grpc.server(self._executors[-1], options=[reuse])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            self.health_port = self._bind(health_server, health_port, None)
+            self._servers.append(health_server)
         self._stopping = threading.Lock()
         self._stopped = threading.Event()
+
+    def _bind(self, server: grpc.Server, port: int,
+              credentials: grpc.ServerCredentials | None) -> int:
+        bind = address(self.config.host, port)
+        try:
+            if credentials is None:
+                bound = server.add_insecure_port(bind)
+            else:
+                bound = server.add_secure_port(bind, credentials)
+        except RuntimeError as exc:  # grpc raises on a failed bind
+            raise OSError(f"cannot listen on {bind}: {exc}") from exc
+        if bound == 0:
+            raise OSError(f"cannot listen on {bind}")
+        return bound
 
     def start(self) -> AugmentServer:
         """Start serving; health reports SERVING for "" and augsvc.v1.Augment."""
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(wire.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self._server.start()
-        log.info("listening on %s (pid %d)", self.address, os.getpid())
+        for server in self._servers:
+            server.start()
+        extra = "" if self.health_port is None else f", health only on port {self.health_port}"
+        log.info("listening on %s%s (pid %d)", self.address, extra, os.getpid())
         return self
 
     def begin_shutdown(self) -> None:
@@ -138,7 +164,8 @@ class AugmentServer:
             left = self.servicer.drain(grace)
             if left:
                 log.warning("grace period over: cancelling %d running stream(s)", left)
-            self._server.stop(0).wait()
+            for server in self._servers:
+                server.stop(0).wait()
             self.servicer.join_streams(timeout=max(grace, 5.0))
             self.pool.close()
             for executor in self._executors:

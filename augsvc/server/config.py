@@ -20,6 +20,7 @@ class ServerConfig:
     """Every option of `augsvc serve` (see `augsvc serve --help` for each one's meaning)."""
 
     datasets: Mapping[str, Path]
+    stats_files: Mapping[str, Path] = field(default_factory=dict)  # dataset -> its stats file
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     device: str = "auto"  # "auto": gpu when an NVIDIA GPU is visible, else cpu
@@ -42,6 +43,7 @@ class ServerConfig:
     # Seconds the calls running on such a connection get to finish before it is closed
     # (a loader's call is a few batches; what is cut off is fetched again elsewhere).
     max_connection_age_grace: float = 60.0
+    health_port: int | None = None  # plaintext grpc.health.v1 only, beside `port`; 0: any
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
@@ -55,10 +57,19 @@ class ServerConfig:
             if not name or not name.isprintable() or "=" in name:
                 raise ValueError(f"invalid dataset name {name!r}: use a non-empty printable "
                                  "name without '='")
+        unknown = sorted(set(self.stats_files) - set(self.datasets))
+        if unknown:
+            raise ValueError(f"a statistics file for {unknown[0]!r}, which is not a served "
+                             f"dataset")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                raise ValueError(f"health port must be in [0, 65535], got {self.health_port}")
+            if self.health_port == self.port != 0:
+                raise ValueError(f"the health port must differ from the port ({self.port})")
         for name in ("workers", "max_streams", "max_batch_size", "prefetch", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

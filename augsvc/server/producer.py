@@ -27,15 +27,14 @@ class Job:
     request: StreamRequest
     entry: DatasetEntry
     stats: DatasetStats
+    stats_source: str  # which statistics `stats` are: "dataset" or "imagenet"
     plan: EpochPlan
     batches: tuple[int, ...]
     chunk_bytes: int
 
     def cache_key(self, k: int) -> tuple:
         """Everything that determines batch k's frames."""
-        r = self.request
-        return (self.entry.name, r.spec, r.seed, r.epoch, r.rank, r.world_size, r.batch_size,
-                r.tail, r.balance, self.chunk_bytes, k)
+        return (self.request.batch_key(), self.chunk_bytes, k)
 
 
 class _Failure:
@@ -124,5 +123,6 @@ def _encode(job: Job, k: int, result: AugmentedBatch) -> tuple[bytes, ...]:
     return tuple(wire.encode_batch(
         result.images, batch_index=k, layout=job.request.spec.layout, labels=result.labels,
         sample_ids=result.sample_ids, draw_ids=result.draw_ids, dropped=result.dropped,
+        substituted=result.substituted, stats_source=job.stats_source,
         chunk_bytes=job.chunk_bytes,
     ))

@@ -13,19 +13,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
 
 from augsvc import wire
-from augsvc.core.sampling import EpochPlan
+from augsvc.core.sampling import EpochOrder, EpochPlan, Sharding, epoch_length
 from augsvc.core.spec import SpecError
 from augsvc.core.stats import DatasetStats
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, DatasetEntry
 from augsvc.server.pipelines import PipelinePool
+from augsvc.server.plans import OrderCache, plan_budget
 from augsvc.server.producer import Job, Producer
 from augsvc.wire._proto import augment_pb2 as pb
 from augsvc.wire._proto import augment_pb2_grpc as pb_grpc
@@ -41,8 +41,8 @@ __all__ = ["AugmentServicer"]
 
 log = logging.getLogger("augsvc.server")
 
+_MIB = 1 << 20
 MAX_DETAILS = 2000  # characters of an exception message sent back in an INTERNAL status
-PLAN_CACHE = 8  # epoch plans kept per worker (ImageNet-sized: ~20 MB each)
 _POLL = 0.2  # seconds between checks for a cancelled stream while waiting
 
 
@@ -62,8 +62,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                  max_batch_size: int, prefetch: int, cache_bytes: int = 0) -> None:
         self.catalog, self.pool = catalog, pool
         self.cache = BatchCache(cache_bytes)
-        self._plans: OrderedDict[tuple, EpochPlan] = OrderedDict()
-        self._plans_lock = threading.Lock()
+        self.orders = OrderCache(plan_budget(len(e.index) for e in catalog.values()))
         self.max_streams, self.max_batch_size, self.prefetch = (
             max_streams, max_batch_size, prefetch)
         pool.max_batch_size = max_batch_size
@@ -87,7 +86,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         try:
             entry = self._entry(request.name, "GetDatasetRequest.name")
             try:
-                source = select_stats_source(request.stats, entry.stats)
+                source = select_stats_source(request.stats, entry.stats)  # "" / "auto" too
             except LookupError as exc:
                 hint = entry.missing_stats.get(request.stats, "")
                 raise _Abort(grpc.StatusCode.NOT_FOUND, f"GetDatasetRequest.stats: {exc}"
@@ -110,16 +109,15 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         return entry
 
     @staticmethod
-    def _stats(entry: DatasetEntry, source: str) -> DatasetStats:
-        """The statistics a spec names (AugmentSpec.stats, already validated)."""
-        stats = entry.stats.get(source)
-        if stats is None:
-            why = entry.missing_stats.get(source, "not available")
+    def _stats(entry: DatasetEntry, choice: str) -> tuple[str, DatasetStats]:
+        """(source, statistics) of a spec's choice (AugmentSpec.stats, already validated)."""
+        try:
+            return entry.resolve_stats(choice)
+        except LookupError as exc:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"AugmentSpec.stats: no {source!r} statistics for dataset "
-                         f"{entry.name!r} on this server: {why}, then restart the server; "
-                         f"or use stats 'imagenet'")
-        return stats
+                         f"AugmentSpec.stats: no {choice!r} statistics for dataset "
+                         f"{entry.name!r} on this server: {exc.args[0]}, then restart the "
+                         f"server; or use stats 'auto' or 'imagenet'") from None
 
     # --- streams
 
@@ -191,7 +189,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                          f"StreamBatchesRequest.batch_size: {req.batch_size} is over this "
                          f"server's limit of {self.max_batch_size}; use smaller batches "
                          f"(or start the server with a larger --max-batch-size)")
-        stats = self._stats(entry, req.spec.stats)
+        source, stats = self._stats(entry, req.spec.stats)
         index = entry.index
         try:
             plan = self._plan(entry, req)
@@ -205,28 +203,32 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                          f"range; rank {req.rank} of {req.world_size} has {len(plan)} "
                          f"batch(es) of {req.batch_size} in dataset {entry.name!r} "
                          f"(valid: 0..{len(plan) - 1})")
-        return Job(req, entry, stats, plan, batches, wire.resolve_chunk_bytes(req.chunk_bytes))
+        return Job(req, entry, stats, source, plan, batches,
+                   wire.resolve_chunk_bytes(req.chunk_bytes))
 
     def _plan(self, entry: DatasetEntry, req: StreamRequest) -> EpochPlan:
-        """The epoch order of a request, shared by all ranks and calls of the same epoch.
+        """The request's rank's plan over the epoch order of (dataset, seed, epoch, balance,
+        shuffle), which every rank, batch size and call of that epoch shares.
 
-        Shuffling a 1.28M-sample epoch takes ~0.2 s: done once per epoch, not per call.
+        The sharding is checked before anything is built; the order costs O(dataset)
+        memory (shuffling 1.28M samples takes ~0.2 s, once per epoch); a batch of the
+        plan is computed when the producer asks for it.
         """
-        key = (entry.name, req.batch_size, req.seed, req.epoch, req.world_size, req.tail,
-               req.balance)
-        with self._plans_lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                return plan
         index = entry.index
-        plan = EpochPlan(len(index), req.batch_size, req.seed, req.epoch, 0, req.world_size,
-                         req.tail, index.labels, req.balance)
-        with self._plans_lock:
-            self._plans[key] = plan
-            while len(self._plans) > PLAN_CACHE:
-                self._plans.popitem(last=False)
-        return plan
+        counts = np.bincount(index.labels) if req.balance else None
+        sharding = Sharding(epoch_length(len(index), counts), req.batch_size, req.world_size,
+                            req.tail)
+        nbytes = EpochOrder.nbytes_for(len(index), sharding.length, req.balance)
+        if nbytes > self.orders.max_bytes:  # only class balancing makes an order this large
+            raise ValueError(f"balance=true up-samples the dataset to {sharding.length} "
+                             f"entries, whose epoch order would take {nbytes / _MIB:,.0f} MiB, "
+                             f"over this server's limit of {self.orders.max_bytes / _MIB:,.0f} "
+                             f"MiB for epoch orders")
+        order = self.orders.get(
+            (entry.name, req.seed, req.epoch, req.balance, req.shuffle),
+            lambda: EpochOrder.build(len(index), req.seed, req.epoch, index.labels, req.balance,
+                                     req.shuffle))
+        return EpochPlan.from_order(order, sharding, req.rank)
 
     def _take_slot(self) -> Callable[[], None]:
         """Count the stream against --max-streams; a once-only release function."""

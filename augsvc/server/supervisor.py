@@ -2,8 +2,9 @@
 
 Parent (`Supervisor.run`):
 
-1. reserve the port: a socket bound with `SO_REUSEPORT` (not listening) holds it, so
-   `port=0` gives one ephemeral port that every worker binds too;
+1. reserve the port (and the health-only port, if any): a socket bound with
+   `SO_REUSEPORT` (not listening) holds it, so `port=0` gives one ephemeral port that
+   every worker binds too;
 2. index the datasets once (`load_catalog`; the children inherit the index);
 3. block SIGINT/SIGTERM (they are then consumed synchronously with `sigtimedwait`, no
    asynchronous handler) and fork the workers before any gRPC object exists;
@@ -16,7 +17,7 @@ Parent (`Supervisor.run`):
 
 Worker: ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 parent is in charge), gets SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`),
-runs an `AugmentServer` on the shared port with its own DALI pipelines.
+runs an `AugmentServer` on the shared port(s) with its own DALI pipelines.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def reserve_port(host: str, port: int) -> Iterator[tuple[socket.socket, int]]:
         sock.close()
 
 
+@dataclass(frozen=True)
+class _Ports:
+    """The ports every worker binds, and the parent's sockets that hold them."""
+
+    sockets: tuple[socket.socket, ...]
+    port: int
+    health_port: int | None
+
+
 @dataclass
 class _Worker:
     slot: int
@@ -98,21 +108,27 @@ class Supervisor:
 
     def run(self) -> int:
         config = self.config
-        with reserve_port(config.host, config.port) as (sock, port):  # fail fast: before indexing
-            catalog = load_catalog(config.datasets)
+        with contextlib.ExitStack() as stack:  # fail fast: reserve the ports before indexing
+            sock, port = stack.enter_context(reserve_port(config.host, config.port))
+            sockets, health_port = (sock,), None
+            if config.health_port is not None:
+                health_sock, health_port = stack.enter_context(
+                    reserve_port(config.host, config.health_port))
+                sockets += (health_sock,)
+            catalog = load_catalog(config.datasets, config.stats_files)
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
             try:
-                return self._supervise(catalog, sock, port)
+                return self._supervise(catalog, _Ports(sockets, port, health_port))
             finally:
                 self._kill_all()
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     # --- the loop
 
-    def _supervise(self, catalog: Catalog, sock: socket.socket, port: int) -> int:
+    def _supervise(self, catalog: Catalog, ports: _Ports) -> int:
         config = self.config
         for slot in range(config.workers):
-            self._spawn(slot, catalog, sock, port)
+            self._spawn(slot, catalog, ports)
         serving = False
         stopping = 0  # signals received
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -145,13 +161,14 @@ class Supervisor:
                         return self._abort()
                     elif code == 0:
                         log.info("worker %d (pid %d) stopped", w.slot, w.process.pid)
-                    elif not self._restart(w, code, catalog, sock, port):
+                    elif not self._restart(w, code, catalog, ports):
                         return self._abort()
             if not serving and self._workers and all(w.ready for w in self._workers):
                 serving = True
+                health = "" if ports.health_port is None else f", health_port={ports.health_port}"
                 print(f"augsvc: serving {len(catalog)} dataset(s) on "
-                      f"{address(config.host, port)} (device={self.device}, "
-                      f"workers={config.workers})", flush=True)
+                      f"{address(config.host, ports.port)} (device={self.device}, "
+                      f"workers={config.workers}{health})", flush=True)
             if (stopping or not serving) and time.monotonic() > deadline:
                 what = "stop" if stopping else "start"
                 log.error("workers did not %s in time; killing them", what)
@@ -195,8 +212,7 @@ class Supervisor:
             w.conn.close()
             w.conn = None
 
-    def _restart(self, w: _Worker, code: int | None, catalog: Catalog,
-                 sock: socket.socket, port: int) -> bool:
+    def _restart(self, w: _Worker, code: int | None, catalog: Catalog, ports: _Ports) -> bool:
         now = time.monotonic()
         self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
         if len(self._crashes) > MAX_CRASHES:
@@ -205,7 +221,7 @@ class Supervisor:
             return False
         log.error("worker %d (pid %d) exited with %s; starting a new one", w.slot,
                   w.process.pid, _describe(code))
-        self._spawn(w.slot, catalog, sock, port)
+        self._spawn(w.slot, catalog, ports)
         return True
 
     def _abort(self) -> int:
@@ -218,11 +234,11 @@ class Supervisor:
 
     # --- processes
 
-    def _spawn(self, slot: int, catalog: Catalog, sock: socket.socket, port: int) -> None:
+    def _spawn(self, slot: int, catalog: Catalog, ports: _Ports) -> None:
         recv, send = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_worker_main, name=f"augsvc-worker-{slot}",
-            args=(self.config, catalog, port, send, sock, os.getpid()),
+            args=(self.config, catalog, ports, send, os.getpid()),
         )
         sys.stdout.flush()
         sys.stderr.flush()
@@ -263,15 +279,16 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(config: ServerConfig, catalog: Catalog, port: int, conn: Connection,
-                 reservation: socket.socket, parent: int) -> None:
-    """A worker process: serve on the shared port until SIGTERM, then drain and exit."""
-    reservation.close()  # the parent holds the port
+def _worker_main(config: ServerConfig, catalog: Catalog, ports: _Ports, conn: Connection,
+                 parent: int) -> None:
+    """A worker process: serve on the shared port(s) until SIGTERM, then drain and exit."""
+    for reservation in ports.sockets:
+        reservation.close()  # the parent holds the ports
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent)
     code = 0
     try:
-        server = _start_worker_server(config, catalog, port, conn)
+        server = _start_worker_server(config, catalog, ports, conn)
         if server is None:
             code = 1
         else:
@@ -293,13 +310,14 @@ def _worker_main(config: ServerConfig, catalog: Catalog, port: int, conn: Connec
         os._exit(code)  # skip interpreter teardown: DALI and gRPC threads need none
 
 
-def _start_worker_server(config: ServerConfig, catalog: Catalog, port: int,
+def _start_worker_server(config: ServerConfig, catalog: Catalog, ports: _Ports,
                          conn: Connection) -> AugmentServer | None:
     """Import DALI (so the first request does not pay for it), bind, start, report."""
     try:
         import nvidia.dali  # noqa: F401
 
-        server = AugmentServer(config, catalog, port=port, reuse_port=True).start()
+        server = AugmentServer(config, catalog, port=ports.port, health_port=ports.health_port,
+                               reuse_port=True).start()
     except ImportError as exc:
         conn.send(("error", f"cannot import DALI ({exc}); install augsvc[server]"))
         return None
@@ -316,7 +334,8 @@ def serve(config: ServerConfig) -> int:
     """Run the server (parent + worker processes) until SIGINT/SIGTERM; the exit code.
 
     Prints `augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)`
-    to stdout once every worker listens. It forks: call it from the main thread of a
+    (`..., workers=<w>, health_port=<p>)` with a health-only port) to stdout once every
+    worker listens. It forks: call it from the main thread of a
     process that has started no other threads, no gRPC server and no CUDA context.
     The parent never imports DALI or touches CUDA: CUDA does not survive a fork.
     """

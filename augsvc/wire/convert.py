@@ -5,7 +5,8 @@
   validated (`SpecError` naming the field). `spec_to_proto` sets every field, so the
   server applies exactly the client's values even if its defaults differ.
 * `StreamRequest`: the validated content of a `StreamBatchesRequest`, with the proto3
-  zero values read as documented in the .proto (empty tail = drop_last, ...).
+  zero values read as documented in the .proto (empty tail = drop_last, unset
+  shuffle = true, ...).
 * `dataset_summary`, `dataset_info`, `stats_to_proto`, `stats_from_proto`,
   `select_stats_source`: dataset descriptions. `stats_to_proto` takes any object with
   the attributes of `augsvc.core.stats.DatasetStats` (`mean` (3,), `std` (3,), `cov` (3, 3),
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from augsvc.core.sampling import TAILS
-from augsvc.core.spec import STATS_SOURCES, AugmentSpec
+from augsvc.core.spec import STATS_CHOICES, STATS_SOURCES, AugmentSpec
 from augsvc.core.stats import DatasetStats
 from augsvc.wire._proto import augment_pb2 as pb
 
@@ -120,6 +121,7 @@ class StreamRequest:
     batches: tuple[int, ...] = ()  # this rank's batch numbers, in order; () = all
     tail: str = "drop_last"
     balance: bool = False
+    shuffle: bool = True
     chunk_bytes: int = 0  # 0 = the server's default
 
     def validate(self) -> StreamRequest:
@@ -147,9 +149,16 @@ class StreamRequest:
             raise RequestError("batches", f"expected batch numbers >= 0, got {bad[0]!r}")
         if self.tail not in TAILS:
             raise RequestError("tail", f"expected one of {', '.join(TAILS)}, got {self.tail!r}")
-        if not isinstance(self.balance, bool):
-            raise RequestError("balance", f"expected true or false, got {self.balance!r}")
+        for name in ("balance", "shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(name, f"expected true or false, got {getattr(self, name)!r}")
         return self
+
+    def batch_key(self) -> tuple:
+        """Everything of the request that determines the content of each batch (all but
+        which batches, and the chunking), for keying caches."""
+        return (self.dataset, self.spec, self.seed, self.epoch, self.rank, self.world_size,
+                self.batch_size, self.tail, self.balance, self.shuffle)
 
     def to_proto(self) -> pb.StreamBatchesRequest:
         """The validated request as a message (every field written out)."""
@@ -166,11 +175,13 @@ class StreamRequest:
             tail=self.tail,
             balance=self.balance,
             chunk_bytes=self.chunk_bytes,
+            shuffle=self.shuffle,
         )
 
     @classmethod
     def from_proto(cls, msg: pb.StreamBatchesRequest) -> StreamRequest:
-        """Read a request: empty tail = drop_last, world_size 0 = 1, no spec = defaults."""
+        """Read a request: empty tail = drop_last, world_size 0 = 1, no spec = defaults,
+        unset shuffle = true."""
         return cls(
             dataset=msg.dataset,
             spec=spec_from_proto(msg.spec if msg.HasField("spec") else None),
@@ -182,6 +193,7 @@ class StreamRequest:
             batches=tuple(msg.batches),
             tail=msg.tail or "drop_last",
             balance=msg.balance,
+            shuffle=msg.shuffle if msg.HasField("shuffle") else True,
             chunk_bytes=msg.chunk_bytes,
         ).validate()
 
@@ -229,16 +241,17 @@ def stats_from_proto(msg: pb.DatasetStats) -> DatasetStats:
 
 
 def select_stats_source(requested: str, available: Iterable[str]) -> str:
-    """GetDatasetRequest.stats: "" means "dataset" when available, else "imagenet".
+    """The source a stats choice names: "auto" (or "") is "dataset" when available, else
+    "imagenet" (AugmentSpec.stats, GetDatasetRequest.stats).
 
     Raises ValueError for an unknown source name (INVALID_ARGUMENT) and LookupError for
     a known one this dataset lacks (NOT_FOUND).
     """
     have = list(available)
-    if not requested:
+    if requested in ("", "auto"):
         return "dataset" if "dataset" in have else "imagenet"
     if requested not in STATS_SOURCES:
-        raise ValueError(f"GetDatasetRequest.stats: expected one of {', '.join(STATS_SOURCES)} "
+        raise ValueError(f"GetDatasetRequest.stats: expected one of {', '.join(STATS_CHOICES)} "
                          f"or empty, got {requested!r}")
     if requested not in have:
         raise LookupError(f"no {requested!r} statistics for this dataset; available: "

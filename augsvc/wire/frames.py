@@ -105,12 +105,15 @@ def batch_header(
     sample_ids: Sequence[int] | np.ndarray,
     draw_ids: Sequence[int] | np.ndarray,
     dropped: Iterable[Any] = (),
+    substituted: Iterable[Any] = (),
+    stats_source: str = "",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> pb.BatchHeader:
     """The BatchHeader describing `payload` sent in chunks of `chunk_bytes`.
 
     `dropped` holds objects with `sample_id`, `path` and `reason` attributes (e.g.
-    `DroppedSample` or `pb.DroppedSample`).
+    `DroppedSample` or `pb.DroppedSample`); `substituted` objects with `row`,
+    `sample_id`, `path`, `reason` and `substitute_id` (e.g. `Substitution`).
     """
     _payload_view(payload)  # type, dtype and contiguity checks
     if layout not in LAYOUTS:
@@ -135,6 +138,10 @@ def batch_header(
         num_chunks=-(-payload.nbytes // chunk_bytes),
         dropped=[pb.DroppedSample(sample_id=int(d.sample_id), path=str(d.path),
                                   reason=str(d.reason)) for d in dropped],
+        substituted=[pb.Substitution(row=int(s.row), sample_id=int(s.sample_id),
+                                     path=str(s.path), reason=str(s.reason),
+                                     substitute_id=int(s.substitute_id)) for s in substituted],
+        stats_source=stats_source,
         **lists,
     )
 
@@ -168,16 +175,19 @@ def encode_batch(
     sample_ids: Sequence[int] | np.ndarray,
     draw_ids: Sequence[int] | np.ndarray,
     dropped: Iterable[Any] = (),
+    substituted: Iterable[Any] = (),
+    stats_source: str = "",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[bytes]:
-    """The serialized Frames of one batch: the header, then the chunks.
+    """The serialized Frames of one batch: the header (see `batch_header`), then the chunks.
 
     Arguments are checked now (ValueError), not when iterating. The array is read
     lazily: do not modify it until the iterator is exhausted.
     """
     header = batch_header(
         payload, batch_index=batch_index, layout=layout, labels=labels,
-        sample_ids=sample_ids, draw_ids=draw_ids, dropped=dropped, chunk_bytes=chunk_bytes,
+        sample_ids=sample_ids, draw_ids=draw_ids, dropped=dropped, substituted=substituted,
+        stats_source=stats_source, chunk_bytes=chunk_bytes,
     )
     view = _payload_view(payload)
     header_frame = pb.Frame(header=header).SerializeToString()

@@ -91,7 +91,7 @@ class Size(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class AugmentSpec(_message.Message):
-    __slots__ = ("crop", "size", "scale", "ratio", "resize", "interpolation", "antialias", "p_hflip", "p_vflip", "hsv", "p_hsv", "hue_shift", "sat_pow", "sat_scale", "sat_shift", "val_pow", "val_scale", "val_shift", "pca", "pca_sigma", "normalize", "layout", "dtype", "stats")
+    __slots__ = ("crop", "size", "scale", "ratio", "resize", "interpolation", "antialias", "p_hflip", "p_vflip", "hsv", "p_hsv", "hue_shift", "sat_pow", "sat_scale", "sat_shift", "val_pow", "val_scale", "val_shift", "pca", "pca_sigma", "normalize", "layout", "dtype", "stats", "corrupt")
     CROP_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class AugmentSpec(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
     crop: str
     size: Size
     scale: Range
@@ -140,10 +141,11 @@ class AugmentSpec(_message.Message):
     layout: str
     dtype: str
     stats: str
-    def __init__(self, crop: _Optional[str] = ..., size: _Optional[_Union[Size, _Mapping]] = ..., scale: _Optional[_Union[Range, _Mapping]] = ..., ratio: _Optional[_Union[Range, _Mapping]] = ..., resize: _Optional[int] = ..., interpolation: _Optional[str] = ..., antialias: _Optional[bool] = ..., p_hflip: _Optional[float] = ..., p_vflip: _Optional[float] = ..., hsv: _Optional[bool] = ..., p_hsv: _Optional[float] = ..., hue_shift: _Optional[_Union[Range, _Mapping]] = ..., sat_pow: _Optional[_Union[Range, _Mapping]] = ..., sat_scale: _Optional[_Union[Range, _Mapping]] = ..., sat_shift: _Optional[_Union[Range, _Mapping]] = ..., val_pow: _Optional[_Union[Range, _Mapping]] = ..., val_scale: _Optional[_Union[Range, _Mapping]] = ..., val_shift: _Optional[_Union[Range, _Mapping]] = ..., pca: _Optional[bool] = ..., pca_sigma: _Optional[float] = ..., normalize: _Optional[bool] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., stats: _Optional[str] = ...) -> None: ...
+    corrupt: str
+    def __init__(self, crop: _Optional[str] = ..., size: _Optional[_Union[Size, _Mapping]] = ..., scale: _Optional[_Union[Range, _Mapping]] = ..., ratio: _Optional[_Union[Range, _Mapping]] = ..., resize: _Optional[int] = ..., interpolation: _Optional[str] = ..., antialias: _Optional[bool] = ..., p_hflip: _Optional[float] = ..., p_vflip: _Optional[float] = ..., hsv: _Optional[bool] = ..., p_hsv: _Optional[float] = ..., hue_shift: _Optional[_Union[Range, _Mapping]] = ..., sat_pow: _Optional[_Union[Range, _Mapping]] = ..., sat_scale: _Optional[_Union[Range, _Mapping]] = ..., sat_shift: _Optional[_Union[Range, _Mapping]] = ..., val_pow: _Optional[_Union[Range, _Mapping]] = ..., val_scale: _Optional[_Union[Range, _Mapping]] = ..., val_shift: _Optional[_Union[Range, _Mapping]] = ..., pca: _Optional[bool] = ..., pca_sigma: _Optional[float] = ..., normalize: _Optional[bool] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., stats: _Optional[str] = ..., corrupt: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "spec", "seed", "epoch", "rank", "world_size", "batch_size", "batches", "tail", "balance", "chunk_bytes")
+    __slots__ = ("dataset", "spec", "seed", "epoch", "rank", "world_size", "batch_size", "batches", "tail", "balance", "chunk_bytes", "shuffle")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,7 @@ class StreamBatchesRequest(_message.Message):
     TAIL_FIELD_NUMBER: _ClassVar[int]
     BALANCE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHUFFLE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     spec: AugmentSpec
     seed: int
@@ -166,7 +169,8 @@ class StreamBatchesRequest(_message.Message):
     tail: str
     balance: bool
     chunk_bytes: int
-    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., batches: _Optional[_Iterable[int]] = ..., tail: _Optional[str] = ..., balance: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    shuffle: bool
+    def __init__(self, dataset: _Optional[str] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., batches: _Optional[_Iterable[int]] = ..., tail: _Optional[str] = ..., balance: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., shuffle: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "chunk")
@@ -177,7 +181,7 @@ class Frame(_message.Message):
     def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch_index", "shape", "dtype", "layout", "labels", "sample_ids", "draw_ids", "payload_bytes", "num_chunks", "dropped")
+    __slots__ = ("batch_index", "shape", "dtype", "layout", "labels", "sample_ids", "draw_ids", "payload_bytes", "num_chunks", "dropped", "substituted", "stats_source")
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +192,8 @@ class BatchHeader(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
+    STATS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     batch_index: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -198,7 +204,23 @@ class BatchHeader(_message.Message):
     payload_bytes: int
     num_chunks: int
     dropped: _containers.RepeatedCompositeFieldContainer[DroppedSample]
-    def __init__(self, batch_index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., draw_ids: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[DroppedSample, _Mapping]]] = ...) -> None: ...
+    substituted: _containers.RepeatedCompositeFieldContainer[Substitution]
+    stats_source: str
+    def __init__(self, batch_index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., draw_ids: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[DroppedSample, _Mapping]]] = ..., substituted: _Optional[_Iterable[_Union[Substitution, _Mapping]]] = ..., stats_source: _Optional[str] = ...) -> None: ...
+
+class Substitution(_message.Message):
+    __slots__ = ("row", "sample_id", "path", "reason", "substitute_id")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SUBSTITUTE_ID_FIELD_NUMBER: _ClassVar[int]
+    row: int
+    sample_id: int
+    path: str
+    reason: str
+    substitute_id: int
+    def __init__(self, row: _Optional[int] = ..., sample_id: _Optional[int] = ..., path: _Optional[str] = ..., reason: _Optional[str] = ..., substitute_id: _Optional[int] = ...) -> None: ...
 
 class DroppedSample(_message.Message):
     __slots__ = ("sample_id", "path", "reason")
