@@ -11,8 +11,8 @@ its loader's `timeout` is 3 s (default 60 s): how long a silent server is waited
 
 For discovery tests: the `service_target` fixture is one name:port for every server host,
 `add_replica()` adds a serving host to it (mid-epoch when called while a trainer runs) and
-`cluster.served_batches(host)` then tells whether the host got work. Today's loader hands a
-name to grpc, whose default resolver (c-ares) takes only the first hosts-file address.
+`cluster.served_batches(host)` then tells whether the host got work. The loader resolves a
+name itself (augsvc.client.discovery: getaddrinfo, every address in the hosts file).
 """
 
 from __future__ import annotations
