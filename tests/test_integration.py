@@ -168,7 +168,7 @@ def test_killed_server_mid_epoch(jpeg_folder, addresses, caplog):
     with running_server({NAME: jpeg_folder}) as a, running_server({NAME: jpeg_folder}) as b:
         loader = AugmentLoader([a.address, b.address], NAME, SPEC, 1, SEED, epoch=3,
                                streams_per_server=1, batches_per_request=2, prefetch=4,
-                               return_meta=True, max_retries=2)
+                               return_meta=True)
         with loader:
             got = _kill_after(loader, 3, lambda: a.kill())
         assert a.proc.poll() is not None

@@ -133,7 +133,7 @@ def test_a_failover_mid_epoch_gives_the_same_substitutes(
         servers: list[ServerProcess], folder: Path, corrupt_ids: set[int]) -> None:
     seed = _seed_with_late_corrupt_samples(corrupt_ids)
     kwargs = {"batch_size": 2, "seed": seed, "streams_per_server": 1, "batches_per_request": 1,
-              "prefetch": 2, "return_meta": True, "max_retries": 2}
+              "prefetch": 2, "return_meta": True}
     b = servers[0]
     with running_server({NAME: folder}, "--dali-threads", "1") as a:
         with AugmentLoader(b.address, NAME, SPEC, **kwargs) as loader:

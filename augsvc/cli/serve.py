@@ -55,6 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--port", type=int, default=50051, metavar="N",
                      help="TCP port; 0 picks a free one, printed on the serving line "
                      "(default: 50051)")
+    net.add_argument("--max-connection-age", type=float, default=300.0, metavar="SECONDS",
+                     help="ask each client to reconnect (HTTP/2 GOAWAY) after a connection has "
+                     "lived this long, so that trainers behind one address spread onto "
+                     "replicas added since; running calls are not cut (see the grace); "
+                     "0: never (default: 300)")
+    net.add_argument("--max-connection-age-grace", type=float, default=60.0, metavar="SECONDS",
+                     help="how long calls running on such a connection may still take before "
+                     "it is closed; a loader fetches what was cut off elsewhere (default: 60)")
     net.add_argument("--health-port", type=int, default=None, metavar="N",
                      help="also serve grpc.health.v1 alone on this port (same --host), in "
                      "plaintext and without a token, for probes that speak neither TLS nor "
@@ -197,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
             io_threads=args.io_threads,
             batch_cache_mb=args.batch_cache_mb,
             grace=args.grace,
+            max_connection_age=args.max_connection_age,
+            max_connection_age_grace=args.max_connection_age_grace,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

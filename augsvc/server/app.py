@@ -95,7 +95,7 @@ class AugmentServer:
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
         reuse = ("grpc.so_reuseport", 1 if reuse_port else 0)
-        options = [*wire.server_options(), reuse]
+        options = [*wire.server_options(), reuse, *config.connection_options()]
         # first: every handler decodes its own requests (grpcio leaks on undecodable ones)
         interceptors: list[grpc.ServerInterceptor] = [DecodeInHandler()]
         if config.token:
