@@ -354,7 +354,11 @@ class AugmentLoader:
             rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
             tail=self.tail, balance=self.balance, shuffle=self.shuffle,
         )
-        allocate, finish = self._output.parts(pin, self.prefetch)
+        # a device pass's staging ring: the read-ahead the targets as given start with
+        # (more replicas found later make spare buffers, dropped again once free)
+        ring = self.prefetch or (self.streams_per_server * len(self.pool.targets)
+                                 * (self.batches_per_request + 1))
+        allocate, finish = self._output.parts(pin, ring)
         if self._channels is None or self._channels.pid != os.getpid():
             self._channels = ChannelCache(self.pool)
         sharding = self._sharding()
