@@ -152,8 +152,10 @@ def replay(args: argparse.Namespace) -> dict:
     from augsvc.core.spec import AugmentSpec
 
     spec = AugmentSpec(size=(args.size, args.size))
+    readahead = args.streams * 3  # the loader's default for one server: 2 batches a call + 1
     with AugmentLoader(args.loader, DATASET, spec, batch_size=args.batch_size, tail="pad",
-                       streams_per_server=args.streams, timeout=120) as loader:
+                       streams_per_server=args.streams, prefetch=readahead,
+                       timeout=120) as loader:
         if args.fill:
             return {"images": sum(len(images) for images, _ in loader.epochs(args.epochs))}
 
@@ -164,7 +166,7 @@ def replay(args: argparse.Namespace) -> dict:
                     yield len(images)
 
         with contextlib.closing(batches()) as it:
-            for _ in range(loader.prefetch + 2):  # what was read ahead before we looked
+            for _ in range(readahead + 2):  # what was read ahead before we looked
                 next(it)
             stamps, images = [time.perf_counter()], [0]
             while stamps[-1] - stamps[0] < args.duration or images[-1] < MIN_IMAGES:

@@ -364,9 +364,9 @@ class Cluster:
     def start(self, host: Host) -> ServerProcess:
         """Start the server on `host`; it returns once the server is serving."""
         stack = contextlib.ExitStack()
-        server = stack.enter_context(running_server(
-            self.datasets, "--host", "0.0.0.0", *self.serve_args, workers=self.workers,
-            port=PORT, prefix=host.argv()))
+        server = stack.enter_context(running_server(  # debug: one line per stream (SERVED)
+            self.datasets, "--host", "0.0.0.0", "--log-level", "debug", *self.serve_args,
+            workers=self.workers, port=PORT, prefix=host.argv()))
         self._running[host.name] = (stack, server)
         return server
 

@@ -72,6 +72,8 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, jpeg_folder:
         (("preview", str(jpeg_folder), "--spec", "{oops"), "AugmentSpec.<spec>"),
         (("serve", "--dataset", f"x={tmp_path / 'missing'}", "--port", "0"),
          "no such dataset"),
+        (("serve", "--dataset", f"x={jpeg_folder}", "--max-connection-age", "-1"),
+         "max_connection_age must be in [0, 2000000] seconds"),
     ]
     for args, words in cases:
         out = augsvc(*args)

@@ -15,6 +15,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from replicas import consume
 
 import augsvc
 from augsvc import wire
@@ -27,6 +28,7 @@ from augsvc.wire._proto import augment_pb2_grpc as pb_grpc
 from augsvc.wire.convert import StreamRequest
 
 SPEC = AugmentSpec(size=(4, 6), hsv=False, pca=False)
+TRIALS = 100  # graceful stops in test_graceful_stop_never_stalls
 NUM_SAMPLES = 23
 LABELS = np.arange(NUM_SAMPLES) % 3
 
@@ -99,7 +101,11 @@ def test_header_check_takes_a_short_last_batch_with_tail_keep():
     ({"output": "jax"}, ValueError),
     ({"device": "cpu"}, ValueError),  # device needs output="torch"
     ({"timeout": 0}, ValueError),
-    ({"max_retries": -1}, ValueError),
+    ({"reconnect_timeout": 0}, ValueError),
+    ({"resolve_interval": -1}, ValueError),
+    ({"resolve": "getaddrinfo"}, TypeError),
+    ({"servers": ["ipv4:10.0.0.1:1"]}, ValueError),
+    ({"servers": ["host:0"]}, ValueError),
     ({"prefetch": 0}, ValueError),
     ({"spec": {"crop": "center_crop"}}, TypeError),
     ({"normalize": True, "spec": AugmentSpec(normalize=True, dtype="float32")}, ValueError),
@@ -218,7 +224,7 @@ def _free_port() -> int:
 
 def test_closed_port_fails_fast():
     loader = AugmentLoader(f"127.0.0.1:{_free_port()}", "photos", SPEC, 2, timeout=5,
-                           max_retries=2)
+                           reconnect_timeout=1)
     start = time.monotonic()
     with pytest.raises(AugsvcError) as info:
         len(loader)
@@ -254,11 +260,15 @@ class FakeServicer(pb_grpc.AugmentServicer):
     """Serves a NUM_SAMPLES-sample dataset "photos" with `fake_pixels`.
 
     `fault(call_number, request)` may return None, ("abort", code, after_batches,
-    mid_batch) or ("hang", seconds, after_batches).
+    mid_batch) or ("hang", seconds, after_batches). Once `refusing`, new streams get
+    UNAVAILABLE, as from a draining augsvc server; `active` counts running calls.
     """
 
     def __init__(self, token: str | None = None) -> None:
         self.calls = 0
+        self.refusing = False
+        self.active = 0
+        self.cond = threading.Condition()
         self.requested: list[list[int]] = []
         self.epochs: list[int] = []  # the epoch of each call
         self.fault: Callable[[int, pb.StreamBatchesRequest], tuple | None] = lambda i, r: None
@@ -285,6 +295,11 @@ class FakeServicer(pb_grpc.AugmentServicer):
         self._auth(context)
         if request.dataset != "photos":
             context.abort(grpc.StatusCode.NOT_FOUND, f"no dataset {request.dataset!r}")
+        with self.cond:
+            if self.refusing:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            self.active += 1
+        context.add_callback(self._ended)  # when the call has ended, status sent
         req = StreamRequest.from_proto(request)
         with self._lock:
             call, self.calls = self.calls, self.calls + 1
@@ -310,11 +325,17 @@ class FakeServicer(pb_grpc.AugmentServicer):
                 yield frame
 
 
+    def _ended(self) -> None:
+        with self.cond:
+            self.active -= 1
+            self.cond.notify_all()
+
+
 class FakeServer:
     def __init__(self, token: str | None = None, tls: tuple[bytes, bytes] | None = None) -> None:
         self.servicer = FakeServicer(token)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
-                                  options=wire.server_options())
+        self.executor = futures.ThreadPoolExecutor(max_workers=8)
+        self.server = grpc.server(self.executor, options=wire.server_options())
         wire.add_augment_servicer(self.servicer, self.server)
         if tls is None:
             self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -327,6 +348,16 @@ class FakeServer:
 
     def stop(self) -> None:
         self.server.stop(grace=None)
+        self.executor.shutdown(wait=False)
+
+    def drain_and_stop(self) -> None:
+        """What `augsvc serve` does on SIGTERM: refuse new streams, let the running ones
+        end, then stop (GOAWAY); the port then refuses connections."""
+        servicer = self.servicer
+        with servicer.cond:
+            servicer.refusing = True
+            assert servicer.cond.wait_for(lambda: servicer.active == 0, 10)
+        self.stop()
 
 
 @pytest.fixture
@@ -497,7 +528,7 @@ def test_failing_stream_is_retried_elsewhere(fake, mid_batch):
     # every call to a fails after its first batch
     a.servicer.fault = lambda i, r: ("abort", grpc.StatusCode.UNAVAILABLE, 1, mid_batch)
     loader = AugmentLoader([a.address, b.address], "photos", SPEC, 1, seed=3,
-                           batches_per_request=3, max_retries=2)
+                           batches_per_request=3)
     got = list(loader)
     _assert_epoch(got, expected_epoch(3, 0, 0, 1, 1))
     requested = [k for srv in (a, b) for ks in srv.servicer.requested for k in ks]
@@ -508,15 +539,15 @@ def test_transient_failures_recover_on_one_server(fake):
     a = fake()
     a.servicer.fault = lambda i, r: ("abort", grpc.StatusCode.UNAVAILABLE, 0, True) if i < 2 \
         else None
-    loader = AugmentLoader(a.address, "photos", SPEC, 4, streams_per_server=1, max_retries=2)
+    loader = AugmentLoader(a.address, "photos", SPEC, 4, streams_per_server=1)
     _assert_epoch(list(loader), expected_epoch(0, 0, 0, 1, 4))
 
 
 def test_dead_server_everywhere_raises(fake):
     a = fake()
     a.servicer.fault = lambda i, r: ("abort", grpc.StatusCode.UNAVAILABLE, 0, False)
-    loader = AugmentLoader(a.address, "photos", SPEC, 4, max_retries=1)
-    with pytest.raises(AugsvcError, match="every augsvc server failed") as info:
+    loader = AugmentLoader(a.address, "photos", SPEC, 4, reconnect_timeout=1)
+    with pytest.raises(AugsvcError, match="no augsvc server answered for 1 s") as info:
         list(loader)
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
     assert not _stream_threads()
@@ -526,10 +557,57 @@ def test_hung_stream_is_abandoned(fake):
     a, b = fake(), fake()
     a.servicer.fault = lambda i, r: ("hang", 30, 0)
     loader = AugmentLoader([a.address, b.address], "photos", SPEC, 4, timeout=1.0,
-                           streams_per_server=1, max_retries=0)
+                           streams_per_server=1)
     start = time.monotonic()
     _assert_epoch(list(loader), expected_epoch(0, 0, 0, 1, 4))
     assert time.monotonic() - start < 10
+
+
+def test_a_name_without_addresses_yet_is_waited_for(fake, caplog):
+    """A one-replica deployment restarting: the name resolves to nothing for a while."""
+    a = fake()
+    answers = ["127.0.0.1"]
+
+    def resolve(host, port):
+        assert (host, port) == ("aug.test", a.port)
+        if not answers:
+            raise OSError("Name or service not known")
+        return answers
+
+    loader = AugmentLoader(f"dns:///aug.test:{a.port}", "photos", SPEC, 4, seed=2,
+                           resolve=resolve)
+    assert len(loader) == 5
+    answers.clear()
+    threading.Timer(1.5, answers.append, ("127.0.0.1",)).start()
+    begin = time.monotonic()
+    _assert_epoch(list(loader), expected_epoch(2, 0, 0, 1, 4))
+    assert time.monotonic() - begin > 1.4  # it waited, then found the replica
+    waits = [r.getMessage() for r in caplog.records if "no augsvc server" in r.getMessage()]
+    assert len(waits) == 1 and "Name or service not known" in waits[0]
+
+
+@pytest.mark.timeout(300)
+def test_graceful_stop_never_stalls(fake):
+    """Issue 9.1 on in-process servers: many trials, each stopping one of two servers the
+    way augsvc serve does on SIGTERM. Sometimes grpcio leaves the call started just as the
+    GOAWAY arrives with a status but an iterator that never returns (see
+    scripts/grpc_stuck_call.py): the loader must abandon it, not wait."""
+    steady = fake()
+    stalls = 0
+    for trial in range(TRIALS):
+        victim = fake()
+        stop_at = 2 + trial % 12
+
+        def on_batch(i: int, victim=victim, stop_at=stop_at) -> None:
+            if i == stop_at:
+                victim.drain_and_stop()
+
+        with AugmentLoader([victim.address, steady.address], "photos", SPEC, 1, seed=trial,
+                           batches_per_request=1) as loader:
+            got = consume(loader, on_batch, stall_s=15, what=f"trial {trial}")
+        _assert_epoch(got, expected_epoch(trial, 0, 0, 1, 1))
+        stalls += loader.stats().abandoned
+    print(f"{TRIALS} graceful stops, {stalls} stuck call(s) abandoned")
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT,
@@ -655,7 +733,8 @@ def test_tls(fake, tmp_path):
         loader = AugmentLoader(a.address, "photos", SPEC, 4, root_certificates=root, token="t")
         _assert_epoch(list(loader), expected_epoch(0, 0, 0, 1, 4))
     with pytest.raises(AugsvcError) as info:  # plaintext to a TLS port
-        len(AugmentLoader(a.address, "photos", SPEC, 4, token="t", timeout=5, max_retries=0))
+        len(AugmentLoader(a.address, "photos", SPEC, 4, token="t", timeout=5,
+                          reconnect_timeout=1))
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
 
 
@@ -665,3 +744,86 @@ def test_cuda_device_without_cuda():
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="CUDA"):
         AugmentLoader("127.0.0.1:1", "d", SPEC, 2, output="torch", device="cuda")
+
+
+# ---------------------------------------------------------------------------
+# loader.stats() and its Prometheus export
+
+
+def _requested_per_server(*servers: FakeServer) -> dict[str, int]:
+    return {s.address: sum(map(len, s.servicer.requested)) for s in servers}
+
+
+def test_stats_count_a_known_epoch(fake):
+    a, b = fake(), fake()
+    begin = time.monotonic()
+    with AugmentLoader([a.address, b.address], "photos", SPEC, 2, seed=1,
+                       batches_per_request=1) as loader:
+        got = list(loader)
+        stats = loader.stats()
+    elapsed = time.monotonic() - begin
+    n = len(got)
+    assert n == 11 and stats.batches == n
+    per_server = {address: s.batches for address, s in stats.servers.items()}
+    assert per_server == _requested_per_server(a, b)  # no failure: each batch asked once
+    assert sum(per_server.values()) == n
+    for server in stats.servers.values():
+        assert server.images == 2 * server.batches
+        assert server.bytes == server.images * 4 * 6 * 3  # SPEC: 4 x 6 RGB uint8
+        assert 0 < server.seconds < elapsed and server.images_per_s > 0
+        assert server.failures == server.reconnects == 0
+    assert stats.retries == stats.failovers == stats.abandoned == stats.reconnects == 0
+    assert 0 < stats.wait_s < elapsed  # the first batch, at least, was waited for
+    assert stats.as_dict()["servers"][a.address]["images_per_s"] == \
+        stats.servers[a.address].images_per_s
+    again = loader.stats()  # cumulative, and a snapshot: the pass is over
+    assert again == stats
+
+
+def test_stats_count_a_forced_failover(fake):
+    a = fake()
+    # the first two calls fail mid-batch after one batch; each had asked for three
+    a.servicer.fault = lambda i, r: ("abort", grpc.StatusCode.UNAVAILABLE, 1, True) \
+        if i < 2 else None
+    with AugmentLoader(a.address, "photos", SPEC, 1, seed=3, streams_per_server=1,
+                       batches_per_request=3) as loader:
+        got = list(loader)
+        stats = loader.stats()
+    _assert_epoch(got, expected_epoch(3, 0, 0, 1, 1))
+    first_two = a.servicer.requested[:2]
+    assert [len(r) for r in first_two] == [3, 3]
+    assert stats.retries == 2 and stats.servers[a.address].failures == 2
+    assert stats.failovers == 4  # two batches handed back by each failed call
+    assert stats.reconnects == 2  # the server answered again after each failure
+    assert stats.servers[a.address].batches == stats.batches == len(got) == NUM_SAMPLES
+    assert stats.abandoned == 0
+
+
+def test_stats_prometheus_export(fake):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from augsvc.client.metrics import register_loader_metrics
+
+    a = fake()
+    registry = prometheus_client.CollectorRegistry()
+    with AugmentLoader(a.address, "photos", SPEC, 4) as loader:
+        collector = register_loader_metrics(loader, registry, labels={"rank": "0"})
+        n = len(list(loader))
+    value = registry.get_sample_value
+    assert value("augsvc_loader_batches_total", {"rank": "0"}) == n
+    assert value("augsvc_loader_server_images_total", {"rank": "0", "server": a.address}) == 4 * n
+    assert value("augsvc_loader_retries_total", {"rank": "0"}) == 0
+    assert value("augsvc_loader_wait_seconds_total", {"rank": "0"}) > 0
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "# TYPE augsvc_loader_server_bytes_total counter" in text
+    registry.unregister(collector)
+    assert value("augsvc_loader_batches_total", {"rank": "0"}) is None
+
+
+def test_client_does_not_need_prometheus():
+    import subprocess
+    import sys
+
+    code = ("import sys, augsvc.client, augsvc.client.loader, augsvc.client.metrics; "
+            "print('prometheus_client' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

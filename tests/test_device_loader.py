@@ -72,7 +72,7 @@ def test_staged_batches_equal_the_numpy_loader(server, host_transfer):
     want = numpy_batches(server.address, 3)
     transfer = host_transfer(delay=0.005)
     with staged_loader(server.address, transfer, streams_per_server=2,
-                       batches_per_request=1) as loader:
+                       batches_per_request=1, prefetch=4) as loader:
         got = list(loader.epochs(3))
         ring = loader._output.ring
         assert_same(got, want)
@@ -102,7 +102,7 @@ def test_staged_normalize_matches_the_numpy_loader(server, host_transfer, layout
 def test_a_ring_of_one_buffer_makes_spares_for_a_full_read_ahead(server, host_transfer):
     want = numpy_batches(server.address, 2, batch_size=1)
     with staged_loader(server.address, host_transfer(delay=0.01), batch_size=1,
-                       streams_per_server=2, batches_per_request=1) as loader:
+                       streams_per_server=2, batches_per_request=1, prefetch=4) as loader:
         ring = loader._output.ring = StagingRing(1, pin=False)
         batches = loader.epochs(2)
         fetcher = loader._fetcher
@@ -134,7 +134,7 @@ def test_staged_failover_keeps_the_bytes(server, jpeg_folder, host_transfer, cap
     with running_server({NAME: jpeg_folder}) as a:
         loader = staged_loader([a.address, server.address], host_transfer(delay=0.002),
                                batch_size=1, epoch=2, streams_per_server=2,
-                               batches_per_request=2, max_retries=1)
+                               batches_per_request=2, reconnect_timeout=1.0)
         got = []
         with loader:
             for item in loader.epochs(3):

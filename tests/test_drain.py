@@ -80,7 +80,7 @@ def test_sigterm_turns_health_first_refuses_then_drains_within_grace(jpeg_folder
     probes: list[Probe] = []
     stop = threading.Event()
     with running_server({"photos": jpeg_folder}, *FAST, "--grace", str(GRACE), "--prefetch",
-                        "1", "--metrics-port", "0") as server, \
+                        "1", "--metrics-port", "0", "--log-level", "debug") as server, \
             connect(server.address) as a_channel, connect(server.address) as b_channel:
         poller = threading.Thread(target=_poll, args=(server.address, probes, stop))
         a = wire.AugmentStub(a_channel).StreamBatches(read, timeout=60)

@@ -168,7 +168,7 @@ def test_killed_server_mid_epoch(jpeg_folder, addresses, caplog):
     with running_server({NAME: jpeg_folder}) as a, running_server({NAME: jpeg_folder}) as b:
         loader = AugmentLoader([a.address, b.address], NAME, SPEC, 1, SEED, epoch=3,
                                streams_per_server=1, batches_per_request=2, prefetch=4,
-                               return_meta=True, max_retries=2)
+                               return_meta=True)
         with loader:
             got = _kill_after(loader, 3, lambda: a.kill())
         assert a.proc.poll() is not None
@@ -242,7 +242,8 @@ def test_class_balanced_epoch(jpeg_folder, tmp_path):
     manifest = tmp_path / "unbalanced.csv"
     manifest.write_text("path,label\n" + "".join(
         f"{p},{c}\n" for p, c in zip(files[:12], labels, strict=True)))
-    with running_server({"unbalanced": manifest}) as server, AugmentLoader(
+    # the manifest lists files of another folder: allowed with --allow-outside-root
+    with running_server({"unbalanced": manifest}, "--allow-outside-root") as server, AugmentLoader(
             server.address, "unbalanced", SPEC, batch_size=3, seed=SEED, balance=True,
             return_meta=True) as loader:
         plan = EpochPlan(12, 3, SEED, 0, labels=labels, balance=True)

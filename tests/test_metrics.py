@@ -51,7 +51,8 @@ from augsvc.wire._proto import augment_pb2 as pb
 MiB = 1 << 20
 EPOCH, BATCH = 12, 4  # jpeg_folder's images; 3 batches an epoch
 IMAGE_BYTES = 32 * 32 * 3  # test_server.SMALL: 32x32 uint8 RGB
-DONE_LINE = re.compile(r"augsvc\[(\d+)\] INFO augsvc\.server: stream from \S+ done")
+# one line per stream at --log-level debug (augsvc.server.logs)
+DONE_LINE = re.compile(r"augsvc\[(\d+)\] DEBUG augsvc\.server\.requests: stream from \S+ done")
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -88,7 +89,7 @@ def done_by_pid(server: ServerProcess) -> list[int]:
 
 def test_an_epoch_is_counted_exactly_across_two_workers(jpeg_folder: Path) -> None:
     with running_server({"photos": jpeg_folder}, *FAST, "--metrics-port", "0",
-                        "--max-memory", "64M", workers=2) as server:
+                        "--max-memory", "64M", "--log-level", "debug", workers=2) as server:
         pids = worker_pids(server)
         assert len(pids) == 2 and len(server.pids()) == 3
         rounds, images, payload, wire_bytes = 0, 0, 0, 0

@@ -11,8 +11,8 @@ its loader's `timeout` is 3 s (default 60 s): how long a silent server is waited
 
 For discovery tests: the `service_target` fixture is one name:port for every server host,
 `add_replica()` adds a serving host to it (mid-epoch when called while a trainer runs) and
-`cluster.served_batches(host)` then tells whether the host got work. Today's loader hands a
-name to grpc, whose default resolver (c-ares) takes only the first hosts-file address.
+`cluster.served_batches(host)` then tells whether the host got work. The loader resolves a
+name itself (augsvc.client.discovery: getaddrinfo, every address in the hosts file).
 """
 
 from __future__ import annotations
@@ -183,10 +183,6 @@ def test_partition_one_host_then_heal(network, cluster, reference, tmp_path, how
     assert cut, f"the partition cut no stream of {host.name} mid-batch: {run.stderr()[-3000:]}"
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
-    "issue 9 item 2: a server whose calls fail max_retries+1 times in a row (~1.5 s of "
-    "refused connections) is given up for the rest of the pass, so once every host has "
-    "restarted no server is left and the loader raises 'every augsvc server failed'"))
 def test_rolling_restart_of_every_host(network, cluster, reference, tmp_path):
     """Each server host restarted in turn mid-epoch, the next once the last serves again
     (down 2 s, as a pod being replaced): the epoch completes with the engine's bytes."""

@@ -85,7 +85,7 @@ def test_every_server_substitutes_alike_and_keeps_the_shape(
     assert len(a) == len(b) == 5
     subs = [s for batch in a for s in batch.header.substituted]
     assert {s.sample_id for s in subs} == corrupt_ids
-    reasons = {Path(s.path).relative_to(folder).as_posix(): s.reason for s in subs}
+    reasons = {s.path: s.reason for s in subs}  # paths relative to the dataset root
     assert "truncated" in reasons[TRUNCATED] and "decode failed" in reasons[GARBAGE]
     for x, y in zip(a, b, strict=True):
         assert x.array.shape == (BATCH, 32, 32, 3) and not x.header.dropped
@@ -133,7 +133,7 @@ def test_a_failover_mid_epoch_gives_the_same_substitutes(
         servers: list[ServerProcess], folder: Path, corrupt_ids: set[int]) -> None:
     seed = _seed_with_late_corrupt_samples(corrupt_ids)
     kwargs = {"batch_size": 2, "seed": seed, "streams_per_server": 1, "batches_per_request": 1,
-              "prefetch": 2, "return_meta": True, "max_retries": 2}
+              "prefetch": 2, "return_meta": True}
     b = servers[0]
     with running_server({NAME: folder}, "--dali-threads", "1") as a:
         with AugmentLoader(b.address, NAME, SPEC, **kwargs) as loader:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 TOKEN_ENV = "AUGSVC_TOKEN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STATS_OPTION = ",stats="
+LOG_FORMATS = ("text", "json")  # augsvc.server.logs.FORMATS, without importing grpc here
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "statistics (fancy PCA, normalize; spec stats 'auto' or 'dataset') are read "
                    "from FILE, or else from what `augsvc stats PATH` wrote beside it, when "
                    "present; without them 'auto' uses the ImageNet preset. Repeatable; a bare "
-                   "PATH is served under its folder name")
+                   "PATH is served under its folder name. Only regular files inside PATH are "
+                   "served: links (to files or folders) and manifest rows that resolve outside "
+                   "it are rejected (see --allow-outside-root), directory links are followed "
+                   "once (no loops)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="serve links and manifest rows that resolve outside their dataset's "
+                   "folder (e.g. class folders linked from elsewhere); off by default")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                      help="address to listen on; 0.0.0.0 or :: for every interface "
@@ -50,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--port", type=int, default=50051, metavar="N",
                      help="TCP port; 0 picks a free one, printed on the serving line "
                      "(default: 50051)")
+    net.add_argument("--max-connection-age", type=float, default=300.0, metavar="SECONDS",
+                     help="ask each client to reconnect (HTTP/2 GOAWAY) after a connection has "
+                     "lived this long, so that trainers behind one address spread onto "
+                     "replicas added since; running calls are not cut (see the grace); "
+                     "0: never (default: 300)")
+    net.add_argument("--max-connection-age-grace", type=float, default=60.0, metavar="SECONDS",
+                     help="how long calls running on such a connection may still take before "
+                     "it is closed; a loader fetches what was cut off elsewhere (default: 60)")
     net.add_argument("--health-port", type=int, default=None, metavar="N",
                      help="also serve grpc.health.v1 alone on this port (same --host), in "
                      "plaintext and without a token, for probes that speak neither TLS nor "
@@ -126,7 +140,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="the bearer token itself; visible to every local user in the process "
                      f"list, so prefer --token-file or ${TOKEN_ENV}")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info",
-                   help="logging on stderr (default: info)")
+                   help="logging on stderr: info has one line per start, stop and refused "
+                   "stream (rate-limited); debug adds one per stream (default: info). gRPC "
+                   "core's own lines are off unless the GRPC_VERBOSITY environment variable "
+                   "asks for them")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                   help="text lines, or json: one object per line (time, level, logger, pid, "
+                   "message and the line's fields) for a log collector (default: text)")
     p.set_defaults(run=run)
 
 
@@ -199,15 +219,14 @@ def _check_readable(*paths: Path | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Configure, index the datasets, serve until stopped."""
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s augsvc[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # read once, when grpc is imported
     from augsvc.core.stats import StatsError
     from augsvc.engine.dataset import DatasetError
     from augsvc.server import ServerConfig, serve
     from augsvc.server.gpus import parse_gpus
+    from augsvc.server.logs import configure
+
+    configure(args.log_level, args.log_format)
 
     try:
         _check_readable(args.tls_cert, args.tls_key, args.tls_client_ca)
@@ -233,10 +252,13 @@ def run(args: argparse.Namespace) -> int:
             max_memory=_memory_size(args.max_memory),
             metrics_port=args.metrics_port,
             gpus=parse_gpus(args.gpus) if args.gpus is not None else (),
+            max_connection_age=args.max_connection_age,
+            max_connection_age_grace=args.max_connection_age_grace,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             token=_token(args),
+            allow_outside_root=args.allow_outside_root,
         ).validate()
         return serve(config)
     except (ValueError, DatasetError, StatsError, OSError) as exc:

@@ -26,12 +26,31 @@
   DistributedSampler instead pads every rank to the same length by repeating samples;
   `tail="pad"` does that here.) Shuffling is an argument of the loader, not of the spec:
   the spec says what happens to each image, the loader which images come in which order.
-* **Fan-out and failures.** `streams_per_server` streams per server fetch disjoint
-  groups of batches; a reorder buffer restores the order, with at most `prefetch`
-  batches requested or held ahead (bounded memory). A stream failing with a retryable
-  status hands its batches back to any other stream (the same bytes, by determinism);
-  a server failing more than `max_retries` times in a row is given up; statuses no
-  retry can fix raise `AugsvcError` at once (`.code`, `.details`, `.server`).
+* **Fan-out.** `streams_per_server` streams per server address fetch disjoint groups of
+  batches; a reorder buffer restores the order, with at most `prefetch` batches
+  requested or held ahead (bounded memory).
+* **Failures.** A stream failing with a retryable status (UNAVAILABLE, DEADLINE_EXCEEDED,
+  CANCELLED not by us, a reset connection, a broken frame sequence) hands its batches
+  back to any other stream (the same bytes, by determinism). A stream whose call has
+  ended while gRPC's iterator does not return (a grpcio bug: scripts/grpc_stuck_call.py),
+  or that has received nothing for `timeout` s, is abandoned: its batches go back to
+  the queue and a new stream on a new connection replaces it. No server is given up
+  for a number of failures: each stream backs off (0.1 s doubling to 2 s, jitter) and
+  asks its server something small before it takes work again. Only when no server has
+  answered for `reconnect_timeout` s (default 300: a pod restart or a rolling update
+  takes well under that, while a dead cluster still fails the job within minutes) does
+  the pass raise `AugsvcError`; the wait is logged once. Statuses no retry can fix, and
+  a TLS mismatch (a plaintext loader at a TLS server, a missing or refused client
+  certificate: the error says which), raise `AugsvcError` at once (`.code`, `.details`,
+  `.server`).
+* **Discovery.** A name (`host:port`, `dns:///host:port`) is resolved to every address
+  it has (`resolve`, default the system resolver, IPv4 when it has any), each address
+  getting its own streams; names are looked up again every `resolve_interval` s and
+  soon after a failure: a replica that joins gets work, one that leaves finishes its
+  call and hands back the rest (docs/discovery.md: a Kubernetes headless Service).
+* **Stats.** `loader.stats()` (a `LoaderStats`): the time the training loop waited for
+  data, per-server batches, bytes and images/s, retries, failovers and reconnects;
+  `augsvc.client.metrics` exports it to Prometheus when prometheus_client is there.
 * **Output.** numpy: uint8 (or the spec's dtype) arrays and int64 labels; torch:
   tensors, pinned when CUDA is available (the wire stays uint8). With `device="cuda"`
   each batch is assembled in one of a few reused pinned buffers, copied once on the
@@ -67,7 +86,9 @@ import grpc
 
 from augsvc import wire
 from augsvc.client import memory
+from augsvc.client.discovery import Resolve, resolve_addresses
 from augsvc.client.errors import AugsvcError
+from augsvc.client.fetcher import Fetcher
 from augsvc.client.meta import BatchMeta
 from augsvc.client.options import (
     check_choice,
@@ -81,7 +102,7 @@ from augsvc.client.output import Output
 from augsvc.client.schedule import PassOrder
 from augsvc.client.servers import ChannelCache, ServerPool, pem_bytes
 from augsvc.client.state import STATE_FORMAT, U32, U64, Position, check_int, check_state
-from augsvc.client.streams import Fetcher
+from augsvc.client.stats import LoaderStats, StatsRecorder
 from augsvc.client.torch_output import torch_dataset_class
 from augsvc.core.sampling import TAILS, Sharding, epoch_length
 from augsvc.core.spec import AugmentSpec
@@ -100,7 +121,8 @@ class AugmentLoader:
     ordering, failures and PyTorch.
 
     Args:
-        servers: "host:port" or a list of them (no port: 50051).
+        servers: "host:port", "dns:///host:port" or a list of them (no port: 50051); a
+            name stands for every address it resolves to.
         dataset: the dataset's name on the servers (`augsvc serve --dataset NAME=PATH`).
         spec: what to do to each image (default `AugmentSpec()`, the training preset).
         batch_size: samples per batch (the last one may be shorter with tail="keep").
@@ -123,7 +145,9 @@ class AugmentLoader:
         root_certificates: PEM bytes, text or a path: turns TLS on.
         client_certificate: (chain, key) PEM for a mutual-TLS server.
         timeout: seconds any wait on a server may last (calls, silent streams).
-        max_retries: failures in a row before a server is given up.
+        reconnect_timeout: seconds without any server answering before the pass fails.
+        resolve: (host, port) -> addresses of a name (default: the system resolver).
+        resolve_interval: seconds between two lookups of the names.
         tune_malloc: tune glibc malloc for large batches on the first pass.
     """
 
@@ -152,7 +176,9 @@ class AugmentLoader:
         root_certificates: bytes | str | Path | None = None,
         client_certificate: tuple[bytes | str | Path, bytes | str | Path] | None = None,
         timeout: float = 60.0,
-        max_retries: int = 3,
+        reconnect_timeout: float = 300.0,
+        resolve: Resolve = resolve_addresses,
+        resolve_interval: float = 30.0,
         tune_malloc: bool = True,
     ) -> None:
         targets = check_targets(servers)
@@ -165,7 +191,6 @@ class AugmentLoader:
         check_int("world_size", world_size, 1, U32)
         check_int("rank", rank, 0, world_size - 1)
         check_int("streams_per_server", streams_per_server, 1, 1024)
-        check_int("max_retries", max_retries, 0, 1000)
         check_int("batches_per_request", batches_per_request, 1, 1 << 16)
         if prefetch is not None:
             check_int("prefetch", prefetch, 1, 1 << 20)
@@ -190,8 +215,10 @@ class AugmentLoader:
         client_pem = (None if client_certificate is None
                       else (pem_bytes(client_certificate[0]), pem_bytes(client_certificate[1])))
         self.pool = ServerPool(targets, pem_bytes(root_certificates), token,
-                               check_timeout(timeout), max_retries, client_pem)
-        self.prefetch = prefetch or streams_per_server * len(targets) * (batches_per_request + 1)
+                               check_timeout(timeout), reconnect_timeout, client_pem, resolve,
+                               resolve_interval)
+        self.prefetch = prefetch  # None: (batches_per_request + 1) per stream
+        self._stats = StatsRecorder()
         self._spec_proto = spec_to_proto(spec)
         self._position = Position(epoch)
         self._info: pb.DatasetInfo | None = None
@@ -311,6 +338,11 @@ class AugmentLoader:
                 if self._fetcher is fetcher:
                     self._fetcher = None
 
+    def stats(self) -> LoaderStats:
+        """Counters over this loader's lifetime: the trainer's wait for data, per-server
+        throughput, retries, failovers, reconnects (see `augsvc.client.stats`)."""
+        return self._stats.snapshot()
+
     @property
     def last_dropped(self) -> tuple[DroppedSample, ...]:
         """The samples left out of the batch yielded last."""
@@ -322,7 +354,11 @@ class AugmentLoader:
             rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
             tail=self.tail, balance=self.balance, shuffle=self.shuffle,
         )
-        allocate, finish = self._output.parts(pin, self.prefetch)
+        # a device pass's staging ring: the read-ahead the targets as given start with
+        # (more replicas found later make spare buffers, dropped again once free)
+        ring = self.prefetch or (self.streams_per_server * len(self.pool.targets)
+                                 * (self.batches_per_request + 1))
+        allocate, finish = self._output.parts(pin, ring)
         if self._channels is None or self._channels.pid != os.getpid():
             self._channels = ChannelCache(self.pool)
         sharding = self._sharding()
@@ -335,6 +371,7 @@ class AugmentLoader:
             allocate=allocate,
             finish=finish,
             check=lambda header, k, server: self._check(header, k, server, sharding),
+            stats=self._stats,
         )
 
     def _check(self, header: pb.BatchHeader, expected: int, server: str,

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from augsvc.client.servers import with_port
+from augsvc.client.discovery import canonical_target
 from augsvc.core.spec import AugmentSpec
 
 __all__ = ["check_choice", "check_flags", "check_spec", "check_targets", "check_timeout",
@@ -14,12 +14,14 @@ __all__ = ["check_choice", "check_flags", "check_spec", "check_targets", "check_
 
 
 def check_targets(servers: str | Sequence[str]) -> tuple[str, ...]:
-    """The server addresses as "host:port" (a missing port is augsvc's, 50051)."""
+    """The server targets as "host:port" or "dns:///host:port" (a missing port is
+    augsvc's, 50051; `augsvc.client.discovery.canonical_target`); ValueError naming a
+    malformed one."""
     targets = (servers,) if isinstance(servers, str) else tuple(servers)
     if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
         raise ValueError(f"servers must be 'host:port' or a non-empty list of them, "
                          f"got {servers!r}")
-    return tuple(with_port(t.strip()) for t in targets)
+    return tuple(canonical_target(t) for t in targets)
 
 
 def check_spec(spec: AugmentSpec | None) -> AugmentSpec:

@@ -5,6 +5,11 @@
 lazily (those handed back after a failure first, then fresh ones, never past
 `next to yield + readahead`), keeps finished batches until the consumer takes them,
 and carries the iteration's error.
+
+Every position handed out is held by one owner (a stream) until it completes or is
+handed back. `abandon(owner)` hands back everything an owner holds and makes its
+later calls no-ops: a stream stuck inside gRPC can be replaced without waiting for
+it, and whatever it does when (if) it wakes up changes nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +17,7 @@ from __future__ import annotations
 import heapq
 import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from augsvc.client.errors import AugsvcError
@@ -24,29 +28,33 @@ WATCH_INTERVAL_S = 0.2
 
 
 class Schedule:
-    """Positions to fetch, reorder buffer and read-ahead limit, under one condition."""
+    """Positions to fetch, who holds them, the reorder buffer and the read-ahead limit."""
 
     def __init__(self, count: int, readahead: int) -> None:
         self.count, self.readahead = count, readahead
         self.cond = threading.Condition()
         self.fresh = 0  # positions below this were handed out (at least once)
         self.retry: list[int] = []  # a heap of positions handed back
+        self.held: dict[Hashable, set[int]] = {}  # owner -> positions it fetches
+        self.abandoned: set[Hashable] = set()
         self.done: dict[int, Any] = {}
         self.next = 0  # the position the consumer waits for
         self.error: BaseException | None = None
         self.closed = False
-        self.live_streams = 0
-        self.last_progress = time.monotonic()
 
-    def take(self, n: int, alive: Callable[[], bool],
+    @property
+    def finished(self) -> bool:
+        """The pass is over: every position yielded, closed, or failed."""
+        return self.closed or self.error is not None or self.next >= self.count
+
+    def take(self, owner: Hashable, n: int, alive: Callable[[], bool],
              together: Callable[[int, int], bool]) -> list[int] | None:
-        """Up to n lowest positions to fetch below the read-ahead limit, each one
-        `together(first, p)` with the first; None: stop."""
+        """Up to n lowest positions for `owner` to fetch below the read-ahead limit, each
+        one `together(first, p)` with the first; None: stop (the pass is over, `alive()`
+        is False or the owner was abandoned)."""
         with self.cond:
             while True:
-                if self.closed or self.error is not None or not alive():
-                    return None
-                if self.next >= self.count:
+                if self.finished or owner in self.abandoned or not alive():
                     return None
                 limit = min(self.next + self.readahead, self.count)
                 group: list[int] = []
@@ -63,25 +71,47 @@ class Schedule:
                         self.fresh += 1
                     group.append(p)
                 if group:
+                    self.held.setdefault(owner, set()).update(group)
                     return group
                 self.cond.wait(WATCH_INTERVAL_S)
 
-    def complete(self, position: int, item: Any) -> None:
+    def complete(self, owner: Hashable, position: int, item: Any) -> bool:
+        """Store a finished batch; False (ignored) if `owner` no longer holds `position`."""
         with self.cond:
-            if position >= self.next and position not in self.done:
+            held = self.held.get(owner)
+            if held is None or position not in held:
+                return False
+            held.discard(position)
+            if position >= self.next:
                 self.done[position] = item
-            self.last_progress = time.monotonic()
             self.cond.notify_all()
+            return True
 
-    def requeue(self, positions: Sequence[int]) -> None:
+    def requeue(self, owner: Hashable, positions: Sequence[int]) -> int:
+        """Hand back those of `positions` the owner holds; how many that was."""
         with self.cond:
-            for p in positions:
+            held = self.held.get(owner, set())
+            back = [p for p in positions if p in held]
+            for p in back:
+                held.discard(p)
                 heapq.heappush(self.retry, p)
-            self.last_progress = time.monotonic()
             self.cond.notify_all()
+            return len(back)
 
-    def touch(self) -> None:
-        self.last_progress = time.monotonic()  # a plain store: no lock needed
+    def abandon(self, owner: Hashable) -> int:
+        """Hand back everything `owner` holds and ignore it from now on; how many."""
+        with self.cond:
+            held = self.held.pop(owner, set())
+            self.abandoned.add(owner)
+            for p in held:
+                heapq.heappush(self.retry, p)
+            self.cond.notify_all()
+            return len(held)
+
+    def set_readahead(self, readahead: int) -> None:
+        with self.cond:
+            self.readahead = readahead
+            self.cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
         with self.cond:
@@ -89,36 +119,21 @@ class Schedule:
                 self.error = error
             self.cond.notify_all()
 
-    def stream_started(self) -> None:
-        with self.cond:
-            self.live_streams += 1
-
-    def stream_exited(self, no_server_left: Callable[[], AugsvcError]) -> None:
-        with self.cond:
-            self.live_streams -= 1
-            if (self.live_streams == 0 and not self.closed and self.error is None
-                    and self.next < self.count):
-                self.error = no_server_left()
-            self.cond.notify_all()
-
     def ready(self, position: int) -> bool:
         """Whether the item at `position` has arrived (`get` would not wait for it)."""
         with self.cond:
             return position in self.done
 
-    def get(self, position: int, watch: Callable[[float], None]) -> Any:
-        """The item at `position` (the consumer's next); raises the iteration's error.
-
-        `watch(stalled_s)` runs every WATCH_INTERVAL_S while waiting; `stalled_s` is the
-        time since anything happened (a frame, a requeue) or the wait began.
-        """
+    def get(self, position: int) -> Any:
+        """The item at `position` (the consumer's next), waiting for it; raises the
+        iteration's error (once the finished batches before it are out)."""
         with self.cond:
-            since = time.monotonic()
             while position not in self.done:
                 if self.error is not None:
                     raise self.error
+                if self.closed:
+                    raise AugsvcError("the loader was closed during the pass")
                 self.cond.wait(WATCH_INTERVAL_S)
-                watch(time.monotonic() - max(since, self.last_progress))
             self.next = position + 1
             self.cond.notify_all()
             return self.done.pop(position)

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from augsvc.core.text import clip
+
 __all__ = ["CORRUPT_POLICIES", "CROP_MODES", "DTYPES", "LAYOUTS", "STATS_CHOICES", "STATS_SOURCES",
            "AugmentSpec", "SpecError"]
 
@@ -194,7 +196,7 @@ def _is_number(value: Any) -> bool:
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise SpecError(name, f"expected one of {', '.join(allowed)}, got {value!r}")
+        raise SpecError(name, f"expected one of {', '.join(allowed)}, got {clip(value)}")
 
 
 def _range(

@@ -8,14 +8,18 @@ the two halves of `run`: several batches may be started before the first is fini
 (finished in the order started), so files are read and results encoded while DALI runs.
 
 Corrupt-image policy (`AugmentSpec.corrupt`; see `augsvc.engine.dataset`): a sample
-is unusable when its file cannot be read, its bytes fail `check_encoded`, or DALI
-cannot decode it. With "substitute" (the default) its row goes to the first usable
-of `augsvc.core.sampling.substitutes(seed, epoch, draw id)`: a pure function of the
-sample's place in the epoch, so every server picks the same stand-in and augments it
-the same way (its own, negative, draw id); it is listed in `AugmentedBatch.substituted`.
+is unusable when its file cannot be read or the dataset's file rules refuse it
+(`augsvc.engine.files`: a FIFO, a link leaving the root, a file changed since
+indexing), its bytes fail `check_encoded`, or DALI cannot decode it. With "substitute"
+(the default) its row goes to the first usable of `augsvc.core.sampling.substitutes(seed,
+epoch, draw id)`: a pure function of the sample's place in the epoch, so every server
+picks the same stand-in and augments it the same way (its own, negative, draw id); it is
+listed in `AugmentedBatch.substituted`.
 If none of the `SUBSTITUTE_ATTEMPTS` stand-ins is usable, or with "drop", the sample
 is DROPPED: left out of the batch (which is then shorter) and listed in
-`AugmentedBatch.dropped` with its path and the reason. Limit: damage inside the
+`AugmentedBatch.dropped` with its path and the reason. Paths are relative to the
+dataset root, reasons name the kind of failure (never a file's content); each unusable
+file is logged once per process at WARNING, later at DEBUG. Limit: damage inside the
 entropy-coded data of a JPEG whose structure is intact is repaired by libjpeg with a
 warning ("Corrupt JPEG data"), not an error, so such an image is decoded with
 artefacts, as every JPEG decoder would.
@@ -36,12 +40,13 @@ from augsvc.core.sampling import SUBSTITUTE_ATTEMPTS, Batch, substitutes
 from augsvc.core.spec import AugmentSpec
 from augsvc.core.stats import DatasetStats
 from augsvc.core.types import DroppedSample, Substitution
-from augsvc.engine.dataset import DatasetIndex, check_encoded
+from augsvc.engine.dataset import DatasetIndex, FileRefused, check_encoded
 from augsvc.engine.pipeline import AugmentPipeline, PipelineError
 
 __all__ = ["AugmentedBatch", "Augmenter", "DroppedSample", "StartedBatch", "Substitution"]
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # files whose trouble was logged at WARNING in this process
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,8 @@ class Augmenter:
         """The file's bytes as a uint8 array, or a reason why they cannot be used."""
         try:
             raw = self.index.read(i)
-        except OSError as exc:
-            return np.empty(0, np.uint8), f"unreadable: {exc}"
+        except FileRefused as exc:
+            return np.empty(0, np.uint8), str(exc)
         return np.frombuffer(raw, dtype=np.uint8), check_encoded(raw)
 
     def _params_of(self, seed: int, epoch: int, live: list[_Slot]) -> BatchParams:
@@ -240,7 +245,7 @@ class Augmenter:
 
     def _result(self, slots: list[_Slot], images: np.ndarray) -> AugmentedBatch:
         """The batch of the rows that hold a sample, and what was dropped or substituted."""
-        paths = self.index.paths
+        paths, rel = self.index.paths, self.index.relpath
         ids: list[int] = []
         draws: list[int] = []
         dropped, substituted = [], []
@@ -248,14 +253,15 @@ class Augmenter:
             if slot.data is None:
                 why = slot.reason if slot.candidates is None else (
                     f"{slot.reason}; no usable substitute in {SUBSTITUTE_ATTEMPTS} tries")
-                dropped.append(DroppedSample(slot.own_id, paths[slot.own_id], why))
-                log.warning("dropped sample %d (%s): %s", slot.own_id, paths[slot.own_id], why)
+                dropped.append(DroppedSample(slot.own_id, rel(slot.own_id), why))
+                log.log(_once(paths[slot.own_id]), "dropped sample %d (%s): %s", slot.own_id,
+                        paths[slot.own_id], why)
                 continue
             if slot.reason is not None:
-                substituted.append(Substitution(len(ids), slot.own_id, paths[slot.own_id],
+                substituted.append(Substitution(len(ids), slot.own_id, rel(slot.own_id),
                                                 slot.reason, slot.sample_id))
-                log.warning("sample %d (%s) replaced by sample %d: %s", slot.own_id,
-                            paths[slot.own_id], slot.sample_id, slot.reason)
+                log.log(_once(paths[slot.own_id]), "sample %d (%s) replaced by sample %d: %s",
+                        slot.own_id, paths[slot.own_id], slot.sample_id, slot.reason)
             ids.append(slot.sample_id)
             draws.append(slot.draw_id)
         sample_ids = np.array(ids, dtype=np.int64)
@@ -278,6 +284,14 @@ class Augmenter:
 def _live(slots: list[_Slot]) -> list[_Slot]:
     """The rows that hold a sample."""
     return [s for s in slots if s.data is not None]
+
+
+def _once(path: str) -> int:
+    """WARNING the first time a file's trouble is logged in this process, then DEBUG."""
+    if path in _warned:
+        return logging.DEBUG
+    _warned.add(path)
+    return logging.WARNING
 
 
 def _take(params: BatchParams, rows: list[int]) -> BatchParams:

@@ -13,6 +13,8 @@ import os
 import struct
 from typing import BinaryIO
 
+from augsvc.engine.files import FileRefused, open_regular
+
 __all__ = ["HeaderError", "check_encoded", "header_entry", "image_size"]
 
 JPEG_SOI = b"\xff\xd8"
@@ -29,9 +31,14 @@ class HeaderError(ValueError):
 
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(height, width) of an image as decoded (EXIF orientation applied), from its header."""
-    with open(path, "rb") as f:
+def image_size(path: str | os.PathLike[str], root: str | None = None) -> tuple[int, int]:
+    """(height, width) of an image as decoded (EXIF orientation applied), from its header.
+
+    The file is opened with `augsvc.engine.files.open_regular` (regular files only; inside
+    the resolved `root` unless None): FileRefused otherwise.
+    """
+    fd, _ = open_regular(os.fspath(path), root)
+    with os.fdopen(fd, "rb") as f:
         head = f.read(8)
         f.seek(0)
         if head.startswith(JPEG_SOI):
@@ -39,14 +46,14 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
             return (w, h) if orientation >= 5 else (h, w)
         if head == PNG_SIGNATURE:
             return _png_header(f)
-    return _pillow_size(path)
+        return _pillow_size(f)
 
 
-def header_entry(path: str) -> list:
+def header_entry(path: str, root: str | None = None) -> list:
     """[height, width, None] or [0, 0, reason] for the cache."""
     try:
-        h, w = image_size(path)
-    except HeaderError as exc:
+        h, w = image_size(path, root)
+    except (HeaderError, FileRefused) as exc:
         return [0, 0, str(exc)]
     except OSError as exc:
         return [0, 0, f"unreadable: {exc.strerror or exc}"]
@@ -135,12 +142,12 @@ def _png_header(f: BinaryIO) -> tuple[int, int]:
     return h, w
 
 
-def _pillow_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+def _pillow_size(f: BinaryIO) -> tuple[int, int]:
     """(height, width) of another format via Pillow's lazy open (no pixel decode)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(f) as im:
             fmt, (w, h) = im.format, im.size
     except UnidentifiedImageError as exc:
         raise HeaderError("not an image") from exc
@@ -179,7 +186,7 @@ def check_encoded(data: bytes) -> str | None:
         return None
     if _other_signature(data):
         return None
-    return f"not an image (unknown signature {data[:8].hex()})"
+    return "not an image (unknown signature)"  # never the bytes: they may be anyone's file
 
 
 def _other_signature(data: bytes) -> bool:

@@ -1,7 +1,12 @@
 """The files a dataset is made of: an image folder's class subfolders, or a CSV manifest's rows.
 
-Both give `Row`s (cache key, absolute path, label, size, mtime_ns) and the class names;
-`augsvc.engine.dataset` turns them into an index. Layouts are described there.
+Both give `Row`s (cache key, absolute path, label, size, mtime_ns), the class names and
+the `Rejected` entries (cache key, absolute path, reason) the rules below exclude;
+`augsvc.engine.dataset` turns them into an index. Layouts and rules are described there:
+only regular files of at most `MAX_FILE_BYTES`; no link (file or folder) that resolves
+outside the dataset root unless `allow_outside`; a folder is walked once, so a directory
+link back to a folder already walked (a loop, or a second name for a folder) is not
+followed.
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ import csv
 import io
 import logging
 import os
+import stat
 from pathlib import Path
 
-__all__ = ["DatasetError", "Row", "read_manifest", "scan_folder"]
+from augsvc.engine.files import MAX_FILE_BYTES, OUTSIDE_HINT, inside, kind
+
+__all__ = ["DatasetError", "Rejected", "Row", "read_manifest", "scan_folder"]
 
 log = logging.getLogger("augsvc.engine.dataset")
 
@@ -21,15 +29,67 @@ class DatasetError(ValueError):
     """A dataset path, layout or manifest that cannot be indexed."""
 
 
-
 # (cache key, absolute path, label, size, mtime_ns)
 Row = tuple[str, str, int, int, int]
+# (cache key, absolute path, reason): excluded from the index
+Rejected = tuple[str, str, str]
+Listing = tuple[tuple[str, ...], list[Row], list[Rejected]]
 
 
-def scan_folder(
-    root: Path, fixed: tuple[str, ...] | None
-) -> tuple[tuple[str, ...], list[Row], list[tuple[str, str]]]:
-    """(classes found, rows, files that could not be stat'ed) of an image folder."""
+class _Rules:
+    """The checks every file and folder of one dataset passes (module docstring)."""
+
+    def __init__(self, root: Path, allow_outside: bool) -> None:
+        self.real_root = os.path.realpath(root)
+        self.allow_outside = allow_outside
+        self.visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders walked
+        self._real_dirs: dict[str, str] = {}
+
+    def check(self, path: str) -> os.stat_result | str:
+        """The stat of a usable file or folder, else why it is refused."""
+        try:
+            lst = os.lstat(path)
+            st = os.stat(path) if stat.S_ISLNK(lst.st_mode) else lst
+        except OSError as exc:
+            return f"cannot stat: {exc.strerror or type(exc).__name__}"
+        if not self.allow_outside and not inside(self._resolve(path, lst), self.real_root):
+            return f"resolves outside the dataset root ({OUTSIDE_HINT})"
+        if stat.S_ISDIR(st.st_mode):
+            return st
+        if not stat.S_ISREG(st.st_mode):
+            return f"not a regular file ({kind(st.st_mode)})"
+        if st.st_size > MAX_FILE_BYTES:
+            return f"too large: {st.st_size} bytes (the limit is {MAX_FILE_BYTES >> 20} MiB)"
+        return st
+
+    def folder(self, path: str) -> os.stat_result | str:
+        """`check`, and a folder is refused if it was walked already (else marked walked)."""
+        st = self.check(path)
+        if isinstance(st, str) or not stat.S_ISDIR(st.st_mode):
+            return st
+        key = (st.st_dev, st.st_ino)
+        if key in self.visited:
+            return _REPEAT
+        self.visited.add(key)
+        return st
+
+    def _resolve(self, path: str, lst: os.stat_result) -> str:
+        """The real path; a non-link only resolves its folder (cached per folder)."""
+        if stat.S_ISLNK(lst.st_mode):
+            return os.path.realpath(path)
+        folder, name = os.path.split(path)
+        real = self._real_dirs.get(folder)
+        if real is None:
+            real = self._real_dirs[folder] = os.path.realpath(folder)
+        return os.path.join(real, name)
+
+
+_REPEAT = "folder already walked (a directory link loop or a second name for it): not followed"
+
+
+def scan_folder(root: Path, fixed: tuple[str, ...] | None, *,
+                allow_outside: bool = False) -> Listing:
+    """(classes found, rows, rejected entries) of an image folder."""
     with os.scandir(root) as it:
         found = tuple(sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir()))
     if not found:
@@ -41,10 +101,20 @@ def scan_folder(
             raise DatasetError(f"{root}: class folder {unknown[0]!r} is not a known class; "
                                f"known: {', '.join(fixed)}")
     label_of = {name: i for i, name in enumerate(fixed if fixed is not None else found)}
-    rows: list[Row] = []
-    bad: list[tuple[str, str]] = []
+    rules = _Rules(root, allow_outside)
+    rules.folder(str(root))
     prefix = len(os.path.join(root, ""))
-    for name in found:
+    tops: list[str] = []
+    bad: list[Rejected] = []
+    for name in found:  # every class folder is claimed before any is walked
+        path = os.path.join(root, name)
+        st = rules.folder(path)
+        if isinstance(st, str):
+            bad.append((name, path, st))
+        else:
+            tops.append(name)
+    rows: list[Row] = []
+    for name in tops:
         stack = [os.path.join(root, name)]
         class_rows: list[Row] = []
         while stack:
@@ -52,26 +122,23 @@ def scan_folder(
                 for e in it:
                     if e.name.startswith("."):
                         continue
-                    try:
-                        if e.is_dir():
-                            stack.append(e.path)
-                            continue
-                        st = e.stat()
-                    except OSError as exc:
-                        bad.append((e.path, f"cannot stat: {exc.strerror or exc}"))
-                        continue
                     key = e.path[prefix:]
-                    class_rows.append((key, e.path, label_of[name], st.st_size, st.st_mtime_ns))
+                    st = rules.folder(e.path)
+                    if isinstance(st, str):
+                        bad.append((key, e.path, st))
+                    elif stat.S_ISDIR(st.st_mode):
+                        stack.append(e.path)
+                    else:
+                        class_rows.append((key, e.path, label_of[name], st.st_size, st.st_mtime_ns))
         if not class_rows:
-            log.warning("%s: class folder %r has no files", root, name)
+            log.warning("%s: class folder %r has no usable files", root, name)
         rows.extend(sorted(class_rows))
     return found, rows, bad
 
 
-def read_manifest(
-    manifest: Path, fixed: tuple[str, ...] | None
-) -> tuple[tuple[str, ...], list[Row], list[tuple[str, str]]]:
-    """(classes, rows, missing files) of a CSV manifest; DatasetError names the bad line."""
+def read_manifest(manifest: Path, fixed: tuple[str, ...] | None, *,
+                  allow_outside: bool = False) -> Listing:
+    """(classes, rows, rejected rows) of a CSV manifest; DatasetError names the bad line."""
     try:
         text = manifest.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -96,14 +163,16 @@ def read_manifest(
     names, labels = _manifest_labels(manifest, records, fixed)
 
     rows: list[Row] = []
-    bad: list[tuple[str, str]] = []
+    bad: list[Rejected] = []
     base = manifest.parent
+    rules = _Rules(base, allow_outside)
     for (_, rel, _), label in zip(records, labels, strict=True):
         abspath = os.path.normpath(os.path.join(base, rel))
-        try:
-            st = os.stat(abspath)
-        except OSError as exc:
-            bad.append((abspath, f"cannot stat: {exc.strerror or exc}"))
+        st = rules.check(abspath)
+        if not isinstance(st, str) and stat.S_ISDIR(st.st_mode):
+            st = "a folder, not an image file"
+        if isinstance(st, str):
+            bad.append((rel, abspath, st))
             continue
         rows.append((rel, abspath, label, st.st_size, st.st_mtime_ns))
     return names, rows, bad

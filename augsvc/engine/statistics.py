@@ -8,6 +8,7 @@ The maths and the file format are `augsvc.core.stats`.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -55,7 +56,7 @@ def compute_moments(
     order: Iterable[int] = chosen.tolist()
     for row, i in enumerate(order if progress is None else progress(order)):
         try:
-            with Image.open(index.paths[i]) as im:
+            with Image.open(io.BytesIO(index.read(i))) as im:  # the dataset's file rules
                 rgb = np.asarray(im.convert("RGB"))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             log.warning("skipping %s: cannot decode: %s", index.paths[i], exc)

@@ -28,6 +28,8 @@ from augsvc.server.auth import TokenInterceptor
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
+from augsvc.server.decoding import DecodeInHandler
+from augsvc.server.logs import limit_grpc_logs
 from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.servicer import AugmentServicer
@@ -76,8 +78,10 @@ class AugmentServer:
         reuse_port: bool = False,
     ) -> None:
         self.config = config.validate()
+        limit_grpc_logs()
         self.catalog = (catalog if catalog is not None
-                        else load_catalog(config.datasets, config.stats_files))
+                        else load_catalog(config.datasets, config.stats_files,
+                                          allow_outside=config.allow_outside_root))
         cache = BatchCache(config.batch_cache_mb << 20)
         max_memory = config.resolved_max_memory()
         self.metrics = ServerMetrics(self.catalog)
@@ -107,11 +111,18 @@ class AugmentServer:
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
         reuse = ("grpc.so_reuseport", 1 if reuse_port else 0)
-        options = [*wire.server_options(), reuse,
+        options = [*wire.server_options(), reuse, *config.connection_options(),
                    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                    ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS)]
-        interceptors: list[grpc.ServerInterceptor] = (
-            [TokenInterceptor(config.token)] if config.token else [])
+        # The first interceptor is the outermost: it sees every call first and wraps the
+        # handler every later one returns. DecodeInHandler first, so every handler decodes
+        # its own requests (grpcio leaks on undecodable ones); the token next, so calls
+        # without it never reach admission (which holds a slot for each call it lets
+        # through until its handler starts: an unauthenticated flood would fill
+        # --max-streams for PENDING_TTL); admission last, on authenticated calls alone.
+        interceptors: list[grpc.ServerInterceptor] = [DecodeInHandler()]
+        if config.token:
+            interceptors.append(TokenInterceptor(config.token))
         interceptors.append(AdmissionInterceptor(self.admission, wire.STREAM_BATCHES_METHOD))
         self._server = grpc.server(
             self._executors[1],
@@ -132,7 +143,8 @@ class AugmentServer:
         if health_port is not None:
             self._executors.append(futures.ThreadPoolExecutor(
                 max_workers=HEALTH_THREADS, thread_name_prefix="augsvc-health-port"))
-            health_server = grpc.server(self._executors[-1], options=[reuse])
+            health_server = grpc.server(self._executors[-1], options=[reuse],
+                                        interceptors=[DecodeInHandler()])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             self.health_port = self._bind(health_server, health_port, None)
             self._servers.append(health_server)

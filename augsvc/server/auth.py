@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Callable
 
 import grpc
 
 from augsvc import wire
+from augsvc.server.logs import request_log
 
 __all__ = ["TokenInterceptor"]
-
-log = logging.getLogger("augsvc.server")
-
 
 class TokenInterceptor(grpc.ServerInterceptor):
     """`augsvc.v1.Augment` calls need metadata `authorization: Bearer <token>`
@@ -43,7 +40,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 def _deny(method: str, message: str) -> grpc.RpcMethodHandler:
     def abort(request: bytes, context: grpc.ServicerContext) -> None:
-        log.info("unauthenticated call to %s from %s", method, context.peer())
+        request_log.info("unauthenticated call to %s from %s", method, context.peer(),
+                         extra={"limit_key": "UNAUTHENTICATED", "peer": context.peer()})
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if method == wire.STREAM_BATCHES_METHOD:

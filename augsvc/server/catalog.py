@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 from augsvc.core.spec import STATS_SOURCES
 from augsvc.core.stats import IMAGENET, DatasetStats, StatsError, load
+from augsvc.core.text import scrub
 from augsvc.engine.dataset import DatasetIndex, open_dataset
 from augsvc.engine.statistics import load_stats
 from augsvc.wire.convert import select_stats_source
@@ -25,7 +27,7 @@ class DatasetEntry:
     name: str
     index: DatasetIndex
     stats: Mapping[str, DatasetStats]  # source ("dataset", "imagenet") -> stats
-    missing_stats: Mapping[str, str]  # source -> why it is not available
+    missing_stats: Mapping[str, str]  # source -> why it is not available (no server paths)
 
     def resolve_stats(self, choice: str) -> tuple[str, DatasetStats]:
         """(source, stats) of an `AugmentSpec.stats` choice: "auto" is "dataset" when this
@@ -36,6 +38,16 @@ class DatasetEntry:
             raise LookupError(self.missing_stats.get(source, "not available"))
         return source, stats
 
+    def scrub(self, text: str) -> str:
+        """`text` without this dataset's server paths (for what is sent to clients)."""
+        return _scrub(self.name, self.index, text)
+
+
+def _scrub(name: str, index: DatasetIndex, text: str) -> str:
+    # a folder dataset's source is its root: the second entry wins
+    return scrub(text, {str(index.source): f"<dataset {name}>",
+                        str(index.root): f"<folder of dataset {name}>"})
+
 
 Catalog = Mapping[str, DatasetEntry]
 
@@ -43,13 +55,17 @@ Catalog = Mapping[str, DatasetEntry]
 def load_catalog(
     datasets: Mapping[str, str | os.PathLike[str]],
     stats_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    *,
+    allow_outside: bool = False,
 ) -> Catalog:
     """Index every dataset (`open_dataset`, cached) and load its statistics, once.
 
     A dataset's own statistics come from `stats_files[name]` when given (it must load),
     else from the file `augsvc stats` writes beside the dataset, when present. A
     dataset without them is served with the ImageNet preset for stats "auto", and one
-    warning says how to compute them. Raises DatasetError / StatsError for a dataset
+    warning says how to compute them. `allow_outside` serves links and manifest rows that
+    resolve outside a dataset's root. The statistics' descriptions and the reasons in
+    `missing_stats` name no server path. Raises DatasetError / StatsError for a dataset
     that cannot be served.
     """
     stats_files = dict(stats_files or {})
@@ -58,7 +74,7 @@ def load_catalog(
         raise StatsError(f"statistics file for {unknown[0]!r}, which is not a served dataset")
     catalog: dict[str, DatasetEntry] = {}
     for name, path in datasets.items():
-        index = open_dataset(path)
+        index = open_dataset(path, allow_outside=allow_outside)
         stats, missing = {"imagenet": IMAGENET}, {}
         if name in stats_files:
             stats["dataset"] = load(stats_files[name])
@@ -66,12 +82,13 @@ def load_catalog(
             try:
                 stats["dataset"] = load_stats(index, "dataset")
             except StatsError as exc:
-                missing["dataset"] = str(exc)
+                missing["dataset"] = _scrub(name, index, str(exc))
                 log.warning("dataset %s: %s; until then stats 'auto' (the default) uses the "
                             "ImageNet preset for fancy PCA and normalize (a statistics file "
                             "kept elsewhere: --dataset %s=PATH,stats=FILE)", name, exc, name)
-        for path_, reason in index.rejected[:3]:
-            log.warning("dataset %s: rejected %s: %s", name, path_, reason)
+        if "dataset" in stats:
+            stats["dataset"] = dataclasses.replace(
+                stats["dataset"], source=_scrub(name, index, stats["dataset"].source))
         log.info("dataset %s: %d images, %d classes, stats: %s%s", name, len(index),
                  len(index.classes), ", ".join(s for s in STATS_SOURCES if s in stats),
                  f", {len(index.rejected)} file(s) rejected" if index.rejected else "")

@@ -14,6 +14,7 @@ __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEVICES", "ServerConfig", "address"]
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEVICES = ("auto", "cpu", "gpu")
+MAX_AGE_S = 2_000_000  # ~23 days: gRPC's connection age arguments are 32-bit milliseconds
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class ServerConfig:
     io_threads: int = 4  # file-reading threads per pipeline
     batch_cache_mb: int = 0  # encoded batches kept per worker for repeated requests; 0: off
     grace: float = 10.0  # seconds running streams get to finish on shutdown
+    # Seconds a client connection lives before the server asks the client to reconnect
+    # (GOAWAY; gRPC adds +/-10 % jitter), so trainers that only see a load balancer's
+    # address spread onto replicas added since. 5 minutes: a scale-up takes effect within
+    # minutes, while a reconnect (a TCP and TLS handshake) every 5 minutes costs nothing
+    # measurable; 0: never. `AugmentLoader` needs it less: it re-resolves names itself.
+    max_connection_age: float = 300.0
+    # Seconds the calls running on such a connection get to finish before it is closed
+    # (a loader's call is a few batches; what is cut off is fetched again elsewhere).
+    max_connection_age_grace: float = 60.0
     health_port: int | None = None  # plaintext grpc.health.v1 only, beside `port`; 0: any
     stall_timeout: float = 60.0  # a stream whose client reads nothing this long is cancelled
     max_memory: int | None = None  # bytes of prefetched batches per worker; None: from the host
@@ -44,6 +54,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
     token: str | None = field(default=None, repr=False)  # bearer token for augsvc.v1.Augment
+    allow_outside_root: bool = False  # serve links / manifest rows resolving outside a root
 
     def validate(self) -> ServerConfig:
         """Check every option; return self, or raise ValueError saying what to fix."""
@@ -81,6 +92,11 @@ class ServerConfig:
                self.stall_timeout) < 0:
             raise ValueError("pipeline_cache, device_id, grace, batch_cache_mb and "
                              "stall_timeout must be >= 0")
+        for name in ("max_connection_age", "max_connection_age_grace"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_AGE_S:  # also refuses NaN
+                raise ValueError(f"{name} must be in [0, {MAX_AGE_S}] seconds (gRPC keeps "
+                                 f"it in 32-bit milliseconds), got {value}")
         if self.max_memory is not None and self.max_memory < 1:
             raise ValueError(f"max_memory must be >= 1 byte, got {self.max_memory}")
         if self.gpus:
@@ -108,6 +124,14 @@ class ServerConfig:
         if self.max_memory is not None:
             return self.max_memory
         return default_max_memory(self.processes)
+
+    def connection_options(self) -> list[tuple[str, int]]:
+        """gRPC server options for the maximum connection age (none when it is 0)."""
+        if not self.max_connection_age:
+            return []
+        return [("grpc.max_connection_age_ms", round(self.max_connection_age * 1000)),
+                ("grpc.max_connection_age_grace_ms",
+                 round(self.max_connection_age_grace * 1000))]
 
     def resolved_device(self) -> str:
         """"cpu" or "gpu"; "auto" looks for an NVIDIA GPU without initialising CUDA,

@@ -12,7 +12,6 @@ memory budget (`--max-memory`), gRPC flow control and the stall timeout
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +23,11 @@ from augsvc import wire
 from augsvc.core.sampling import EpochOrder, EpochPlan, Sharding, epoch_length
 from augsvc.core.spec import SpecError
 from augsvc.core.stats import DatasetStats
+from augsvc.core.text import clip
 from augsvc.server.admission import Admission, Refused
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, DatasetEntry
+from augsvc.server.logs import request_log
 from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.plans import OrderCache, plan_budget
@@ -43,8 +44,6 @@ from augsvc.wire.convert import (
 )
 
 __all__ = ["AugmentServicer"]
-
-log = logging.getLogger("augsvc.server")
 
 _MIB = 1 << 20
 MAX_DETAILS = 2000  # characters of an exception message sent back in an INTERNAL status
@@ -100,7 +99,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             except ValueError as exc:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except _Abort as abort:
-            context.abort(abort.code, abort.details)
+            context.abort(abort.code, abort.details[:MAX_DETAILS])
         index = entry.index
         return dataset_info(entry.name, len(index), index.classes, entry.stats[source], source,
                             num_rejected=len(index.rejected), stats_sources=entry.stats,
@@ -110,7 +109,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         entry = self.catalog.get(name)
         if entry is None:
             raise _Abort(grpc.StatusCode.NOT_FOUND,
-                         f"{field}: unknown dataset {name!r}; this server has: "
+                         f"{field}: unknown dataset {clip(name)}; this server has: "
                          f"{', '.join(self.catalog) or '(none)'}")
         return entry
 
@@ -132,8 +131,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         started = time.monotonic()
         try:
             release = self.admission.enter()
-        except Refused as refusal:
-            log.debug("refused stream from %s: %s", context.peer(), refusal.details)
+        except Refused as refusal:  # counted, and logged as a count (augsvc.server.watchdog)
+            request_log.debug("refused stream from %s: %s", context.peer(), refusal.details)
             context.abort(refusal.code, refusal.details)
         # The slot is freed when the call ends, not when this generator returns: the
         # last batches may still be buffered for a slow client, and a draining server
@@ -143,10 +142,12 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         try:
             job = self._validate(request)
         except _Abort as abort:
-            log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
-                     abort.details)
+            request_log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
+                             abort.details[:MAX_DETAILS], extra={
+                                 "limit_key": abort.code.name, "peer": context.peer(),
+                                 "code": abort.code.name})
             self.metrics.validation_refusal(abort.code)
-            context.abort(abort.code, abort.details)
+            context.abort(abort.code, abort.details[:MAX_DETAILS])
         req, peer = job.request, context.peer()
         watched = self.watchdog.watch(context)
         progress = {"sent": 0, "failed": False}
@@ -156,9 +157,11 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             sent, total = progress["sent"], len(job.batches)
             outcome = ("failed" if progress["failed"] else "stalled" if watched.stalled
                        else "cancelled" if sent < total else "done")
-            log.info("stream from %s %s: %s, %d of %d batch(es) of %d in %.2f s", peer,
-                     outcome, req.dataset, sent, total, req.batch_size,
-                     time.monotonic() - started)
+            request_log.debug("stream from %s %s: %s, %d of %d batch(es) of %d in %.2f s",
+                              peer, outcome, req.dataset, sent, total, req.batch_size,
+                              time.monotonic() - started, extra={
+                                  "peer": peer, "outcome": outcome, "dataset": req.dataset,
+                                  "batches": sent, "batch_size": req.batch_size})
             self.metrics.stream_ended(outcome, total=total, sent=sent,
                                       failed=progress["failed"])
 
@@ -190,9 +193,10 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                 self.metrics.batch_sent(req.dataset, frames)
         except Exception as exc:
             progress["failed"] = True
-            log.exception("stream from %s failed at batch %d of %d (dataset %s)", peer,
-                          progress["sent"], len(job.batches), req.dataset)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:MAX_DETAILS])
+            request_log.exception("stream from %s failed at batch %d of %d (dataset %s)", peer,
+                                  progress["sent"], len(job.batches), req.dataset)
+            details = job.entry.scrub(f"{type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, details[:MAX_DETAILS])
         finally:
             if work is not None:
                 work.close()

@@ -130,7 +130,8 @@ class Supervisor:
                 self._exporter = MetricsExporter(config.host, config.metrics_port, gpus)
                 stack.callback(self._exporter.close)
                 self._metrics = SupervisorMetrics()  # in the multiprocess directory now
-            catalog = load_catalog(config.datasets, config.stats_files)
+            catalog = load_catalog(config.datasets, config.stats_files,
+                                   allow_outside=config.allow_outside_root)
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
             try:
                 return self._supervise(catalog, _Ports(sockets, port, health_port))

@@ -27,6 +27,7 @@ import numpy as np
 from augsvc.core.sampling import TAILS
 from augsvc.core.spec import STATS_CHOICES, STATS_SOURCES, AugmentSpec
 from augsvc.core.stats import DatasetStats
+from augsvc.core.text import clip
 from augsvc.wire._proto import augment_pb2 as pb
 
 __all__ = [
@@ -148,7 +149,7 @@ class StreamRequest:
         if bad:
             raise RequestError("batches", f"expected batch numbers >= 0, got {bad[0]!r}")
         if self.tail not in TAILS:
-            raise RequestError("tail", f"expected one of {', '.join(TAILS)}, got {self.tail!r}")
+            raise RequestError("tail", f"expected one of {', '.join(TAILS)}, got {clip(self.tail)}")
         for name in ("balance", "shuffle"):
             if not isinstance(getattr(self, name), bool):
                 raise RequestError(name, f"expected true or false, got {getattr(self, name)!r}")
@@ -252,7 +253,7 @@ def select_stats_source(requested: str, available: Iterable[str]) -> str:
         return "dataset" if "dataset" in have else "imagenet"
     if requested not in STATS_SOURCES:
         raise ValueError(f"GetDatasetRequest.stats: expected one of {', '.join(STATS_CHOICES)} "
-                         f"or empty, got {requested!r}")
+                         f"or empty, got {clip(requested)}")
     if requested not in have:
         raise LookupError(f"no {requested!r} statistics for this dataset; available: "
                           f"{', '.join(have) or 'none'}")
