@@ -20,10 +20,12 @@ from serverproc import running_server
 from test_server import (
     FAST,
     SERVING,
+    TOKEN,
     assert_healthy,
     connect,
     fetch,
     health_status,
+    rpc_error,
     stream_request,
     wait_for,
 )
@@ -190,3 +192,24 @@ def test_refusals_are_logged_as_a_count(caplog: pytest.LogCaptureFixture) -> Non
     lines = [r.getMessage() for r in caplog.records if "over --max-streams" in r.getMessage()]
     assert lines == ["refused 1500 stream(s) over --max-streams in the last 11 s",
                      "refused 400 stream(s) over --max-streams in the last 11 s"]
+
+
+def test_calls_refused_before_their_handler_leave_every_slot_free(folder: Path) -> None:
+    """With --max-streams 2: calls without the token and calls whose request does not
+    parse are answered at once and hold no slot, not even for admission's PENDING_TTL
+    (10 s): a valid stream right after them is admitted."""
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    with running_server({"photos": folder}, *FAST, "--max-streams", "2",
+                        env={"AUGSVC_TOKEN": TOKEN}) as server, \
+            connect(server.address) as channel:
+        raw = channel.unary_stream(wire.STREAM_BATCHES_METHOD, request_serializer=None,
+                                   response_deserializer=None)
+        for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                               (auth, grpc.StatusCode.INVALID_ARGUMENT)):
+            for _ in range(3):
+                error = rpc_error(lambda md=metadata: list(raw(b"\xff" * 9, metadata=md,
+                                                              timeout=10)))
+                assert error.code() == code, error.details()
+        started = time.monotonic()
+        batches = fetch(channel, stream_request(batch_size=4), auth)
+        assert len(batches) == 1 and time.monotonic() - started < 5

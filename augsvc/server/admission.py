@@ -13,7 +13,10 @@ flood; it is not used.
 
 `Admission.enter`, called by the handler, is the exact count (the interceptor's count of
 calls on their way to a thread expires after `PENDING_TTL` s, for calls cancelled
-before their handler started).
+before their handler started). A call whose request does not parse never reaches its
+handler: the deserializer the interceptor hands on gives its pending place back at once
+(`augsvc.server.decoding` decodes in the handler with it), so garbage cannot hold slots.
+Put the interceptor after the token's, so calls without the token never take one.
 """
 
 from __future__ import annotations
@@ -100,6 +103,12 @@ class Admission:
 
         return release
 
+    def abandon(self) -> None:
+        """An admitted call ended before its handler started (its request did not parse)."""
+        with self.cond:
+            if self._pending:
+                self._pending.popleft()
+
     def refuse_new(self) -> None:
         with self.cond:
             self.refusing = True
@@ -130,7 +139,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         refusal = self._admission.admit()
         if refusal is None:
-            return continuation(handler_call_details)
+            return self._releasing(continuation(handler_call_details))
         key = (refusal.code, refusal.details)
         handler = self._handlers.get(key)  # the polling thread alone reads and writes it
         if handler is None:
@@ -139,3 +148,21 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
             handler = self._handlers[key] = grpc.unary_stream_rpc_method_handler(refuse)
         return handler  # the request stays raw bytes: nothing to parse
+
+    def _releasing(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        """The admitted call's handler, whose deserializer gives the pending place back
+        when the request does not parse."""
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode, admission = handler.request_deserializer, self._admission
+
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except Exception:
+                admission.abandon()
+                raise
+
+        return grpc.unary_stream_rpc_method_handler(  # StreamBatches: unary request, stream
+            handler.unary_stream, request_deserializer=deserialize,
+            response_serializer=handler.response_serializer)
