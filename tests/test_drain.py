@@ -38,7 +38,7 @@ class Probe:
     """One poll: a new stream's fate, then health (same connection, so same worker)."""
 
     t: float
-    stream: str  # "ok", "refused" (UNAVAILABLE, shutting down) or "gone: CODE"
+    stream: str  # "ok", "refused" (UNAVAILABLE, shutting down, marked to retry) or "gone: CODE"
     health: str  # "SERVING", "NOT_SERVING" or "gone"
 
 
@@ -46,8 +46,9 @@ def _stream(channel: grpc.Channel) -> str:
     try:
         fetch(channel, stream_request())
     except grpc.RpcError as err:
+        retry = dict(err.trailing_metadata() or ()).get(wire.RETRY_KEY)
         if err.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.details():
-            return "refused"
+            return "refused" if retry == "draining" else f"refused without {wire.RETRY_KEY}"
         return f"gone: {err.code().name}"
     return "ok"
 
@@ -129,6 +130,7 @@ def test_sigterm_turns_health_first_refuses_then_drains_within_grace(jpeg_folder
     assert before and all(p.stream == "ok" and p.health == "SERVING" for p in before)
     assert _phases([p.health for p in probes], ("SERVING", "NOT_SERVING", "gone"))
     assert _phases([p.stream for p in probes], ("ok", "refused", "gone"))
+    assert not [p for p in probes if p.stream.startswith("refused without")]  # all retryable
     # the order: a stream is refused only once health (asked right after) says NOT_SERVING
     assert all(p.health == "NOT_SERVING" for p in probes if p.stream == "refused")
     first_down = min(p.t for p in probes if p.health == "NOT_SERVING")

@@ -109,7 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-streams", type=int, default=64, metavar="N",
                         help="concurrent StreamBatches calls per worker; more are refused "
-                        "with RESOURCE_EXHAUSTED (default: 64)")
+                        "with RESOURCE_EXHAUSTED and trailing metadata augsvc-retry: busy, "
+                        "which AugmentLoader retries (default: 64)")
     limits.add_argument("--max-batch-size", type=int, default=1024, metavar="N",
                         help="largest batch_size a request may ask for; larger ones are "
                         "refused with RESOURCE_EXHAUSTED (default: 1024)")

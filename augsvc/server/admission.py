@@ -17,6 +17,12 @@ before their handler started). A call whose request does not parse never reaches
 handler: the deserializer the interceptor hands on gives its pending place back at once
 (`augsvc.server.decoding` decodes in the handler with it), so garbage cannot hold slots.
 Put the interceptor after the token's, so calls without the token never take one.
+
+Both refusals are ones that waiting fixes, so they carry trailing metadata
+`augsvc-retry` (`wire.RETRY_KEY`): "busy" with RESOURCE_EXHAUSTED, "draining" with
+UNAVAILABLE. `AugmentLoader` retries a call refused so (back-off, and its batches go to
+other streams and servers); the other RESOURCE_EXHAUSTED, a batch over
+--max-batch-size, has no such key and stays fatal to it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import grpc
 
+from augsvc import wire
 from augsvc.server.metrics import ServerMetrics
 
 __all__ = ["PENDING_TTL", "Admission", "AdmissionInterceptor", "Refused"]
@@ -37,11 +44,17 @@ PENDING_TTL = 10.0  # seconds an admitted call may take to reach its handler
 
 
 class Refused(Exception):
-    """A stream not admitted, with the status to answer."""
+    """A stream not admitted, with the status to answer and why a retry will do
+    (`retry`: the value of `wire.RETRY_KEY`)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry: str) -> None:
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.retry = code, details, retry
+
+    def abort(self, context: grpc.ServicerContext) -> None:
+        """End the call with this refusal (raises, as `context.abort` does)."""
+        context.set_trailing_metadata(((wire.RETRY_KEY, self.retry),))
+        context.abort(self.code, self.details)
 
 
 class Admission:
@@ -61,14 +74,14 @@ class Admission:
         if self.refusing:
             self.metrics.refusal("draining")
             return Refused(grpc.StatusCode.UNAVAILABLE,
-                           "the server is shutting down; retry on another server")
+                           "the server is shutting down; retry on another server", "draining")
         if self.active + len(self._pending) >= self.max_streams:
             self.refused += 1
             self.metrics.refusal("max_streams")
             return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"too many concurrent streams: this server process runs at most "
                            f"{self.max_streams}; retry later, use another server, or raise "
-                           f"its --max-streams")
+                           f"its --max-streams", "busy")
         return None
 
     def admit(self) -> Refused | None:
@@ -131,7 +144,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, admission: Admission, method: str) -> None:
         self._admission, self._method = admission, method
-        self._handlers: dict[tuple[grpc.StatusCode, str], grpc.RpcMethodHandler] = {}
+        self._handlers: dict[tuple[grpc.StatusCode, str, str], grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -140,11 +153,11 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         refusal = self._admission.admit()
         if refusal is None:
             return self._releasing(continuation(handler_call_details))
-        key = (refusal.code, refusal.details)
+        key = (refusal.code, refusal.details, refusal.retry)
         handler = self._handlers.get(key)  # the polling thread alone reads and writes it
         if handler is None:
             def refuse(request: bytes, context: grpc.ServicerContext) -> None:
-                context.abort(*key)
+                refusal.abort(context)
 
             handler = self._handlers[key] = grpc.unary_stream_rpc_method_handler(refuse)
         return handler  # the request stays raw bytes: nothing to parse

@@ -133,7 +133,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             release = self.admission.enter()
         except Refused as refusal:  # counted, and logged as a count (augsvc.server.watchdog)
             request_log.debug("refused stream from %s: %s", context.peer(), refusal.details)
-            context.abort(refusal.code, refusal.details)
+            refusal.abort(context)
         # The slot is freed when the call ends, not when this generator returns: the
         # last batches may still be buffered for a slow client, and a draining server
         # must wait for them to be delivered.
