@@ -37,6 +37,8 @@ from test_server import (
 
 from augsvc import wire
 from augsvc.core.spec import AugmentSpec
+from augsvc.engine.dataset import check_encoded
+from augsvc.engine.files import FileRefused, read_file
 from augsvc.server import ServerConfig, exporter
 from augsvc.server.metrics import (
     BATCH_OUTCOMES,
@@ -212,6 +214,26 @@ def test_substituted_and_dropped_samples_are_counted_by_reason(corrupt_folder: P
                 assert value(samples, f"augsvc_{field}_samples_total", reason=reason) == \
                     reported[field].count(reason), (field, reason)
         assert server.stop() == 0
+
+
+def test_sample_reasons_label_what_the_engine_says(tmp_path: Path) -> None:
+    """The engine's own reasons, from real files, get their labels."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "elsewhere.jpg").write_bytes(b"x" * 10)
+    (root / "link.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "grown.jpg").write_bytes(b"x" * 10)
+    labels = {}
+    for name, size in (("link.jpg", 10), ("pipe.jpg", 0), ("grown.jpg", 5), ("gone.jpg", 1)):
+        with pytest.raises(FileRefused) as info:
+            read_file(str(root / name), size, str(root))
+        labels[name] = sample_reason(str(info.value))
+    assert labels == {"link.jpg": "refused", "pipe.jpg": "refused", "grown.jpg": "refused",
+                      "gone.jpg": "unreadable"}
+    assert {sample_reason(check_encoded(raw)) for raw in (b"", b"\xff\xd8\xff", b"GIF8")} == {
+        "invalid"}
+    assert set(labels.values()) < set(SAMPLE_REASONS)
 
 
 def test_gpu_memory_is_left_out_where_nvml_cannot_be_read(jpeg_folder: Path) -> None:

@@ -43,16 +43,20 @@ _VALIDATION_REASONS = {
     grpc.StatusCode.FAILED_PRECONDITION: "no_stats",
 }
 # why a sample was unusable, from the start of the engine's reason text
-SAMPLE_REASONS = ("unreadable", "undecodable", "invalid")
-_REASON_PREFIXES = (("unreadable", "unreadable"), ("decode failed", "undecodable"))
+SAMPLE_REASONS = ("unreadable", "refused", "undecodable", "invalid")
+_REASON_PREFIXES = (("unreadable", "unreadable"), ("decode failed", "undecodable"),
+                    *((prefix, "refused") for prefix in (  # augsvc.engine.files' rules
+                        "not a regular file", "replaced while", "resolves outside",
+                        "changed since")))
 # 1 ms .. 60 s: a small CPU batch takes milliseconds, a large one behind a slow client seconds
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
 
 
 def sample_reason(reason: str) -> str:
-    """The label of an unusable sample's reason: unreadable, undecodable or invalid
-    (the file's bytes fail the header checks: empty, truncated, not an image)."""
+    """The label of an unusable sample's reason: unreadable; refused (the dataset's file
+    rules: not a regular file, outside the root, changed since indexing); undecodable;
+    or invalid (the file's bytes fail the header checks: empty, truncated, not an image)."""
     for prefix, label in _REASON_PREFIXES:
         if reason.startswith(prefix):
             return label
