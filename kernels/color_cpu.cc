@@ -1,194 +1,327 @@
-// CPU kernel of AugsvcColor, written for g++'s auto-vectoriser: the math of ColorPixel
-// (color_math.h) without branches, over blocks of pixels held in small float arrays.
-//   - V' depends only on V = max(R, G, B), one of 256 levels: a per-call table, filled by
-//     PowScaleShift itself, so V' is bit-identical to ColorPixel's.
-//   - S' takes pow(S, a) = exp2(a * log2(S)) from the polynomials below (~1e-6 relative).
-//   - max/min and the "which channel is the max" tests run on the uint8 levels: x -> x / 255
+// CPU kernel of AugsvcColor: ColorPixel's math (color_math.h) rearranged around the uint8
+// levels, branch-free, in GCC vector types as wide as the CPU's registers.
+//   - V' depends only on V = max(R, G, B), one of 256 levels: a per-call table of 255 * V'.
+//   - S = c / max with c = max - min, and x ** a = 2 ** (a * log2(x)) from two short
+//     polynomials, for S' and for the table.
+//   - The hue stays in sixths: H6 = (sector + (x - y) / c + 6 * shift) mod 6, and HSV -> RGB is
+//     the branch-free form of colorsys's six sectors: channel = V' - V' S' w, where w is a
+//     clamped distance of H6 from a centre (see D).
+//   - max/min and the "which channel is the max" tests run on the integer levels: x -> x / 255
 //     is strictly increasing, so they agree with ColorPixel's float tests.
-// Everything else is ColorPixel's float expressions in the same order, so the output matches
-// it except where S' differs by an ulp-sized amount right at a rounding tie.
-// Needs -fno-trapping-math (augsvc/kernels.py passes it): without it g++ keeps the ?: below as
-// branches and vectorises none of the loops. Check with -fopt-info-vec.
+// Each step is a loop of its own over a block of pixels: the steps' dependency chains are long,
+// and short loops let the out-of-order core overlap several vectors of each.
+// The output is off from the exact value by < 2e-3 level for exponents up to 16 (the
+// polynomials' error, times the exponent), so it differs from ColorPixel's only right at a
+// rounding tie; scripts/bench_color_kernel.cc checks all 2^24 colours against a float64 oracle.
 #include "color_cpu.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
-// One build runs everywhere: the AVX2 clone is picked at load time (ifunc) where the CPU has
-// it, plain x86-64 (SSE2) elsewhere. Neither enables FMA, so both give identical results.
-#ifndef AUGSVC_CPU_CLONES
+// x86-64 builds carry an 8-lane AVX2 kernel, picked at run time where the CPU has it, and a
+// 4-lane baseline, itself cloned for x86-64-v2 (SSE4.2) and plain x86-64 (SSE2). None enables
+// FMA, and all run the same float operations per lane, so they give identical results.
+// scripts/bench_color_kernel.cc checks the baseline with -DAUGSVC_NO_AVX2 (x86-64-v2 here) and,
+// adding -DAUGSVC_BASELINE_CLONES=, the plain one.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AUGSVC_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define AUGSVC_CPU_CLONES
+#ifndef AUGSVC_NO_AVX2
+#define AUGSVC_AVX2_KERNEL 1
 #endif
+#ifndef AUGSVC_BASELINE_CLONES
+#define AUGSVC_BASELINE_CLONES __attribute__((target_clones("arch=x86-64-v2", "default")))
+#endif
+#else
+#define AUGSVC_BASELINE_CLONES
 #endif
 
 namespace augsvc {
 
 namespace {
 
-// Pixels per block: the temporaries (4 KiB) stay in L1.
+// Float and int32 vectors of N lanes; IntOf<F> is the int32 vector as wide as F.
+template <int N>
+struct Lanes {
+  typedef float F __attribute__((vector_size(4 * N)));
+  typedef int32_t I __attribute__((vector_size(4 * N)));
+};
+template <class F>
+struct IntVector {
+  typedef int32_t type __attribute__((vector_size(sizeof(F))));
+};
+template <class F>
+using IntOf = typename IntVector<F>::type;
+
+// Pixels per block (a multiple of the lanes): the block's temporaries (3 KiB) stay in L1.
 constexpr int kBlock = 256;
 
-// log2(x) for normal x > 0; finite (-127) for x = 0, which callers mask out.
-inline float Log2(float x) {
-  const int32_t bits = std::bit_cast<int32_t>(x);
-  int32_t e = (bits >> 23) - 127;
-  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // x = m * 2^e, m in [1, 2)
-  const bool big = m > 1.41421356f;  // centre m on 1: [sqrt(1/2), sqrt(2))
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  // ln(m) = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172: the series to t^9 is off by < 2e-9
-  const float t = (m - 1.0f) / (m + 1.0f);
-  const float t2 = t * t;
-  const float atanh =
-      t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
-  return static_cast<float>(e) + atanh * 2.88539008f;  // 2 / ln 2
+// The fast path's range of the exponents: a * log2(x) stays within Exp2's range, and the
+// polynomials' error, times a, stays below 0.005 level. The spec allows (0, 16].
+constexpr float kMaxPow = 64.0f;
+
+// Selects and integer min/max as g++ lowers them (blends, pmaxsd). A float `a > b ? a : b`
+// becomes a compare and a blend rather than maxps, so float clamps use ClampNonNegative.
+template <class I, class F>
+inline F Select(I mask, F a, F b) {
+  return mask ? a : b;
+}
+template <class I>
+inline I Max(I a, I b) {
+  return a > b ? a : b;
+}
+template <class I>
+inline I Min(I a, I b) {
+  return a < b ? a : b;
+}
+template <class F>
+inline IntOf<F> Bits(F x) {
+  return reinterpret_cast<IntOf<F>>(x);
+}
+template <class F>
+inline F Abs(F x) {
+  return reinterpret_cast<F>(Bits(x) & 0x7fffffff);
 }
 
-// 2^y like powf would give it: +inf above 2^128, 0 below ~2^-126.5 (no subnormals).
-inline float Exp2(float y) {
-  y = y > -127.0f ? y : -127.0f;  // written as selects (not fmaxf) so they vectorise
-  y = y < 128.0f ? y : 128.0f;
-  // n = round(y): adding 1.5 * 2^23 leaves no fraction bits (exact for |y| < 2^22)
-  const float n = (y + 12582912.0f) - 12582912.0f;
-  const float g = (y - n) * 0.693147181f;  // 2^(y - n) = e^g, |g| <= 0.347
-  // Taylor series to g^7: off by < 6e-9
-  const float poly =
-      1.0f +
-      g * (1.0f +
-           g * (1.0f / 2 +
-                g * (1.0f / 6 +
-                     g * (1.0f / 24 + g * (1.0f / 120 + g * (1.0f / 720 + g * (1.0f / 5040)))))));
-  // 2^n from the exponent bits: n = -127 gives 0.0f, n = 128 gives +inf
-  return poly * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+// clamp(x, lo, hi) for 0 <= lo <= hi and any x but NaN, with integer min/max: non-negative
+// floats order as their bit patterns do, and a negative x has a negative bit pattern.
+template <class F>
+inline F ClampNonNegative(F x, float lo, float hi) {
+  return reinterpret_cast<F>(Min(Max(Bits(x), Bits(F{} + lo)), Bits(F{} + hi)));
 }
 
-inline float Clip01Select(float x) {  // Clip01, NaN -> 0 as fminf(fmaxf(...)) does
-  x = x > 0.0f ? x : 0.0f;
-  return x < 1.0f ? x : 1.0f;
+// 1.5 * 2^23: adding it to |x| < 2^22 leaves no fraction bits (the FPU rounds half to even),
+// and the low mantissa bits then hold round(x) in two's complement.
+constexpr float kRound = 12582912.0f;
+
+// log2(x) for normal x > 0 (callers mask out x = 0). Absolute error < 2e-7.
+template <class F>
+inline F Log2(F x) {
+  // x = m * 2^e with m in [sqrt(1/2), sqrt(2)), from the bits alone
+  const IntOf<F> bits = Bits(x);
+  const IntOf<F> e = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3 = sqrt(1/2)
+  const F m = reinterpret_cast<F>(bits - (e << 23));
+  // log2(m) = 2 atanh(t) / ln 2, t = (m - 1) / (m + 1), |t| < 0.172: odd minimax polynomial
+  const F t = (m - 1.0f) / (m + 1.0f);
+  const F t2 = t * t;
+  const F p = t * (2.88539124f + t2 * (0.961470902f + t2 * 0.598971546f));
+  return __builtin_convertvector(e, F) + p;
 }
 
-// c ? a : b with bit masks: g++ turns chains of ?: on the same int into multi-way branches
-// (jump threading), which its vectoriser then refuses.
-inline float Blend(bool c, float a, float b) {
-  const int32_t mask = -static_cast<int32_t>(c);
-  return std::bit_cast<float>((std::bit_cast<int32_t>(a) & mask) |
-                              (std::bit_cast<int32_t>(b) & ~mask));
+// 2^y for -2^22 < y <= 0: 0 below ~2^-126.5 (no subnormals). Relative error < 3e-7.
+template <class F>
+inline F Exp2(F y) {
+  const F big = y + kRound;
+  const F f = y - (big - kRound);  // y - round(y), in [-0.5, 0.5]
+  // minimax polynomial, evaluated as (c0 + c1 f) + f^2 ((c2 + c3 f) + f^2 (c4 + c5 f))
+  const F f2 = f * f;
+  const F p45 = 0.00967554189f + f * 0.00132764713f;
+  const F p23 = 0.240221202f + f * 0.0555071309f;
+  const F p01 = 1.00000012f + f * 0.693146944f;
+  const F p = p01 + f2 * (p23 + f2 * p45);
+  // 2^round(y) from the exponent bits; round(y) <= -127 gives 0
+  const IntOf<F> biased = Max(Bits(big) - Bits(F{} + kRound) + 127, IntOf<F>{});
+  return p * reinterpret_cast<F>(biased << 23);
 }
 
-// The value of a channel at rotated sector j (see the caller).
-inline float Sector(int j, float v, float x, float pp) {
-  const int dist = j >= 3 ? 5 - j : j;  // 0 for j = 0, 5; 1 for 1, 4; 2 for 2, 3
-  return Blend(dist == 0, v, Blend(dist == 1, x, pp));
+// PowScaleShift(x, a, m, d) = clip(x ** a * m + d, 0, 1) for 0 <= x <= 1 and
+// 0 < a <= kMaxPow, in two steps (two loops, see above): y = a * log2(x), with y = -2^21 for
+// x = 0 (0 ** a = 0), then clip(2 ** y * m + d, 0, 1).
+template <class F>
+inline F PowExponent(F x, float a) {
+  return Select(x > 0.0f, a * Log2(x), F{} - 2097152.0f);
+}
+template <class F>
+inline F ScaleShift(F y, float m, float d) {
+  return ClampNonNegative(Exp2(y) * m + d, 0.0f, 1.0f);
 }
 
-// clip(round-half-even(x), 0, 255) as ColorPixel's rintf + clip (0 and 255 are integers,
-// so clipping first is the same); NaN -> 0.
-inline uint8_t ToU8(float x) {
-  x = x > 0.0f ? x : 0.0f;
-  x = x < 255.0f ? x : 255.0f;
-  // adding 2^23 leaves no fraction bits: the FPU rounds half to even (no -ffast-math here)
-  return static_cast<uint8_t>(static_cast<int32_t>((x + 8388608.0f) - 8388608.0f));
+// clamp(|h6 - centre|, 1, 2). For a hue h6 in [0, 6], colorsys's six sectors give channel
+// values V' - V' S' w with w_R = 2 - D(3), w_G = D(2) - 1 and w_B = D(4) - 1.
+template <class F>
+inline F D(F h6, float centre) {
+  return ClampNonNegative(Abs(h6 - centre), 1.0f, 2.0f);
+}
+
+// round-half-even(x) clipped to [0, 255] (ColorPixel's rintf + clip: 0 and 255 are integers,
+// so clipping first is the same), for |x| < 2^22, as the bits of x + kRound: the level is in
+// the low byte, bytes 1 and 2 hold 0x00 and 0x40.
+template <class F>
+inline IntOf<F> ToLevel(F x) {
+  return Min(Max(Bits(x + kRound), Bits(F{} + kRound)), Bits(F{} + (kRound + 255.0f)));
+}
+
+// Loading and storing N interleaved RGB pixels as one int32 lane per pixel and channel. With
+// 8 lanes (AVX2), the 24 bytes are read as two 16-byte halves, src[0, 16) and src[8, 24):
+// pixels 0-3 at bytes 0-11 of the first, pixels 4-7 at bytes 4-15 of the second, so that each
+// channel is one byte shuffle within the halves of one register. Narrower (SSE) builds move
+// bytes one by one: g++ lowers vector byte shuffles there to that anyway, or worse.
+template <int N>
+inline void Load(const uint8_t *src, typename Lanes<N>::I &r, typename Lanes<N>::I &g,
+                 typename Lanes<N>::I &b) {
+  if constexpr (N == 8) {
+    typedef uint8_t U8x16 __attribute__((vector_size(16)));
+    U8x16 lo, hi;
+    std::memcpy(&lo, src, sizeof lo);
+    std::memcpy(&hi, src + 8, sizeof hi);
+    const auto x = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                           14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
+                                           27, 28, 29, 30, 31);
+    // (the don't-care bytes, cleared by the mask, come from the same half too)
+#define AUGSVC_CHANNEL(o)                                                                     \
+  (reinterpret_cast<typename Lanes<N>::I>(__builtin_shufflevector(                            \
+       x, x, o, o, o, o, o + 3, o, o, o, o + 6, o, o, o, o + 9, o, o, o, o + 20, o + 20, o + 20, \
+       o + 20, o + 23, o + 20, o + 20, o + 20, o + 26, o + 20, o + 20, o + 20, o + 29, o + 20,   \
+       o + 20, o + 20)) &                                                                     \
+   0xff)
+    r = AUGSVC_CHANNEL(0);
+    g = AUGSVC_CHANNEL(1);
+    b = AUGSVC_CHANNEL(2);
+#undef AUGSVC_CHANNEL
+  } else {
+    for (int k = 0; k < N; k++) {
+      r[k] = src[3 * k];
+      g[k] = src[3 * k + 1];
+      b[k] = src[3 * k + 2];
+    }
+  }
+}
+
+// Stores N pixels at dst from ToLevel's R, G and B.
+template <int N>
+inline void Store(uint8_t *dst, typename Lanes<N>::I r, typename Lanes<N>::I g,
+                  typename Lanes<N>::I b) {
+  if constexpr (N == 8) {
+    // R | G << 8 | B << 16 in bytes 0-2 of each lane (R's byte 2 cleared first), those bytes
+    // packed at the start of each 16-byte half (12 bytes each), then the halves made contiguous
+    typedef uint8_t U8x32 __attribute__((vector_size(32)));
+    typedef uint64_t U64x4 __attribute__((vector_size(32)));
+    const auto x = reinterpret_cast<U8x32>((r & 0xffff) | (g << 8) | (b << 16));
+    const auto p = reinterpret_cast<typename Lanes<8>::I>(__builtin_shufflevector(
+        x, x, 0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 0, 0, 0, 0, 16, 17, 18, 20, 21, 22, 24, 25,
+        26, 28, 29, 30, 16, 16, 16, 16));
+    const auto out = __builtin_shufflevector(p, p, 0, 1, 2, 4, 5, 6, 3, 7);
+    // 16 + 8 bytes from registers (a 24-byte memcpy of the vector goes through the stack)
+    const auto first = __builtin_shufflevector(out, out, 0, 1, 2, 3);
+    const uint64_t last = reinterpret_cast<U64x4>(out)[2];
+    std::memcpy(dst, &first, sizeof first);
+    std::memcpy(dst + 16, &last, sizeof last);
+  } else {
+    for (int k = 0; k < N; k++) {
+      dst[3 * k] = static_cast<uint8_t>(r[k]);
+      dst[3 * k + 1] = static_cast<uint8_t>(g[k]);
+      dst[3 * k + 2] = static_cast<uint8_t>(b[k]);
+    }
+  }
+}
+
+// The vectorised kernel, N lanes, for 0 < sat_pow, val_pow <= kMaxPow.
+template <int N>
+__attribute__((always_inline)) inline void Run(const uint8_t *in, uint8_t *out, int64_t npix,
+                                               const ColorParams &p) {
+  using F = typename Lanes<N>::F;
+  using I = typename Lanes<N>::I;
+  constexpr int kVectors = kBlock / N;
+  I iota;
+  for (int k = 0; k < N; k++)
+    iota[k] = k;
+
+  F vlut[256 / N];  // 255 * V' for V = level / 255
+  for (int j = 0; j < 256 / N; j++)
+    vlut[j] = PowExponent(__builtin_convertvector(iota + N * j, F) / 255.0f, p.val_pow);
+  for (F &v : vlut)
+    v = 255.0f * ScaleShift(v, p.val_scale, p.val_shift);
+  const float *const vtab = reinterpret_cast<const float *>(vlut);
+  // 6 * (shift mod 1), in [0, 6)
+  double shift6 = 6.0 * (static_cast<double>(p.hue_shift) - std::floor(p.hue_shift));
+  shift6 = shift6 < 6.0 ? shift6 : 0.0;
+  const float hue_shift6 = static_cast<float>(shift6);
+  // Any offset beyond +-256 levels saturates every output as +-256 does; the limit keeps
+  // ToLevel's argument small.
+  const float off_r = std::clamp(p.offset[0], -256.0f, 256.0f);
+  const float off_g = std::clamp(p.offset[1], -256.0f, 256.0f);
+  const float off_b = std::clamp(p.offset[2], -256.0f, 256.0f);
+
+  F val[kVectors], sat[kVectors], hue6[kVectors];
+  alignas(32) uint8_t tail[3 * kBlock];  // the last, partial block, padded to whole vectors
+  for (int64_t start = 0; start < npix; start += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, npix - start));
+    const int nvec = (n + N - 1) / N;
+    const uint8_t *src = in + 3 * start;
+    uint8_t *dst = out + 3 * start;
+    if (n % N != 0) {
+      std::memcpy(tail, src, 3 * n);
+      std::memset(tail + 3 * n, 0, 3 * (nvec * N - n));
+      src = dst = tail;
+    }
+
+    // colorsys.rgb_to_hsv: V' from the table, S, and H in sixths plus the shift, mod 6
+    for (int j = 0; j < nvec; j++) {
+      I r, g, b;
+      Load<N>(src + 3 * N * j, r, g, b);
+      const I vmax = Max(r, Max(g, b));
+      const I c = vmax - Min(r, Min(g, b));
+      for (int k = 0; k < N; k++)  // (unsigned: no sign extension of the index)
+        val[j][k] = vtab[static_cast<uint32_t>(vmax[k])];
+      // black (max = 0) has c = 0: S = 0 / 1 = 0, as colorsys
+      sat[j] = __builtin_convertvector(c, F) / __builtin_convertvector(Max(vmax, I{} + 1), F);
+      // H6 = sector + (x - y) / c in [0, 6], where colorsys's negative H (R the max, G < B)
+      // takes sector 6 instead of 0; greys (c = 0) have x - y = 0 and sector 0: H = 0
+      const I rmax = r == vmax, gmax = g == vmax;
+      const I diff = rmax ? g - b : (gmax ? b - r : r - g);
+      const F sector = Select(rmax, Select(g < b, F{} + 6.0f, F{}),
+                              Select(gmax, F{} + 2.0f, F{} + 4.0f));
+      const F h6 = (sector + hue_shift6) +
+                   __builtin_convertvector(diff, F) / __builtin_convertvector(Max(c, I{} + 1), F);
+      hue6[j] = Select(h6 >= 6.0f, h6 - 6.0f, h6);
+    }
+
+    // S' = clip(S ** a * m + d, 0, 1)
+    for (int j = 0; j < nvec; j++)
+      sat[j] = PowExponent(sat[j], p.sat_pow);
+    for (int j = 0; j < nvec; j++)
+      sat[j] = ScaleShift(sat[j], p.sat_scale, p.sat_shift);
+
+    // colorsys.hsv_to_rgb, + offset, round, saturate
+    for (int j = 0; j < nvec; j++) {
+      const F v = val[j], vs = v * sat[j], h6 = hue6[j];
+      const F vpvs = v + vs;
+      const I r = ToLevel(((v - vs) - vs + off_r) + vs * D(h6, 3.0f));
+      const I g = ToLevel((vpvs + off_g) - vs * D(h6, 2.0f));
+      const I b = ToLevel((vpvs + off_b) - vs * D(h6, 4.0f));
+      Store<N>(dst + 3 * N * j, r, g, b);
+    }
+
+    if (dst == tail)
+      std::memcpy(out + 3 * start, tail, 3 * n);
+  }
+}
+
+#ifdef AUGSVC_AVX2_KERNEL
+__attribute__((target("avx2"))) void RunAvx2(const uint8_t *in, uint8_t *out, int64_t npix,
+                                             const ColorParams &p) {
+  Run<8>(in, out, npix, p);
+}
+#endif
+
+AUGSVC_BASELINE_CLONES
+void RunBaseline(const uint8_t *in, uint8_t *out, int64_t npix, const ColorParams &p) {
+  Run<4>(in, out, npix, p);
 }
 
 }  // namespace
 
-AUGSVC_CPU_CLONES
 void ColorPixelsCpu(const uint8_t *in, uint8_t *out, int64_t npix, const ColorParams &p) {
-  float vlut[256];  // V' for V = level / 255, exactly as ColorPixel computes it
-  for (int level = 0; level < 256; level++)
-    vlut[level] = PowScaleShift(level * (1.0f / 255.0f), p.val_pow, p.val_scale, p.val_shift);
-
-  // The mod 1 below floors by truncation, valid for |H + shift| < 2^31: reduce the shift to
-  // |shift| < 1 first (a no-op for the usual small shifts, so bit-identical there).
-  float hue_shift = p.hue_shift;
-  if (!(std::fabs(hue_shift) < 1.0f))
-    hue_shift -= std::floor(hue_shift);
-  const float a = p.sat_pow, m = p.sat_scale, d = p.sat_shift;
-  const float off_r = p.offset[0], off_g = p.offset[1], off_b = p.offset[2];
-
-  alignas(32) float hue[kBlock], sat[kBlock], val[kBlock];
-  alignas(32) uint8_t red[kBlock], green[kBlock], blue[kBlock], vlevel[kBlock];
-  for (int64_t start = 0; start < npix; start += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, npix - start));
-    const uint8_t *src = in + 3 * start;
-    uint8_t *dst = out + 3 * start;
-
-    // Deinterleave (and interleave at the end) in plain loops: vectorising a stride-3 byte
-    // access needs byte shuffles (SSSE3) that baseline x86-64 lacks, and it would then leave
-    // the whole loop scalar.
-    for (int k = 0; k < n; k++) {
-      red[k] = src[3 * k];
-      green[k] = src[3 * k + 1];
-      blue[k] = src[3 * k + 2];
-    }
-
-    // colorsys.rgb_to_hsv and the hue jitter
-    for (int k = 0; k < n; k++) {
-      const int r8 = red[k], g8 = green[k], b8 = blue[k];
-      const int max8 = std::max(r8, std::max(g8, b8));
-      const int min8 = std::min(r8, std::min(g8, b8));
-      const float r = r8 * (1.0f / 255.0f), g = g8 * (1.0f / 255.0f), b = b8 * (1.0f / 255.0f);
-      const float maxc = max8 * (1.0f / 255.0f), minc = min8 * (1.0f / 255.0f);
-      const float range = maxc - minc;
-      // greys: divide by 1 instead of 0, and h = s = 0 fall out (rc = gc = bc = 0, range = 0)
-      const float range_nz = max8 != min8 ? range : 1.0f;
-      const float maxc_nz = max8 != 0 ? maxc : 1.0f;
-      const float rc = (maxc - r) / range_nz;
-      const float gc = (maxc - g) / range_nz;
-      const float bc = (maxc - b) / range_nz;
-      float h = r8 == max8 ? bc - gc : (g8 == max8 ? 2.0f + rc - bc : 4.0f + gc - rc);
-      h = h / 6.0f;
-      // (h + shift) mod 1 with floor = truncation corrected for negatives (|h| < 2 here)
-      h += hue_shift;
-      const float trunc = static_cast<float>(static_cast<int32_t>(h));
-      h -= trunc > h ? trunc - 1.0f : trunc;
-      hue[k] = h >= 1.0f ? 0.0f : h;  // a tiny negative h rounds to 1.0f
-      sat[k] = range / maxc_nz;
-      vlevel[k] = static_cast<uint8_t>(max8);
-    }
-
-    // V' from the table, in a loop of its own (a gather at best)
-    for (int k = 0; k < n; k++)
-      val[k] = vlut[vlevel[k]];
-
-    // S', colorsys.hsv_to_rgb with selects, + offset, round, saturate
-    for (int k = 0; k < n; k++) {
-      const float s0 = sat[k];
-      // pow for every lane, then select (no branch); exact for the common a = 1
-      const float pw = a == 1.0f ? s0 : Exp2(a * Log2(s0));
-      const float s = Clip01Select((s0 > 0.0f ? pw : 0.0f) * m + d);
-      const float v = val[k];
-      const float h6 = hue[k] * 6.0f;
-      int i = static_cast<int>(h6);
-      const float f = h6 - i;
-      // s = 0 needs no branch: pp = q = t = v * 1.0f = v
-      const float pp = v * (1.0f - s);
-      const float q = v * (1.0f - s * f);
-      const float t = v * (1.0f - s * (1.0f - f));
-      i = i == 6 ? 0 : i;  // h * 6 may round up to 6: ColorPixel's i % 6
-      // Sector i gives (R, G, B) = (v, t, pp), (q, v, pp), (pp, v, t), (pp, q, v), (t, pp, v),
-      // (v, pp, q): each channel takes v, pp, or x = t (even i) / q (odd i), and rotating i by
-      // 0, 4 and 2 gives R, G and B the same pattern: v at 0 and 5, x at 1 and 4, pp at 2 and 3.
-      const float x = Blend(i & 1, q, t);
-      const float rr = Sector(i, v, x, pp);
-      const float gg = Sector(i >= 2 ? i - 2 : i + 4, v, x, pp);
-      const float bb = Sector(i >= 4 ? i - 4 : i + 2, v, x, pp);
-      red[k] = ToU8(rr * 255.0f + off_r);
-      green[k] = ToU8(gg * 255.0f + off_g);
-      blue[k] = ToU8(bb * 255.0f + off_b);
-    }
-
-    for (int k = 0; k < n; k++) {
-      dst[3 * k] = red[k];
-      dst[3 * k + 1] = green[k];
-      dst[3 * k + 2] = blue[k];
-    }
+  if (!(p.sat_pow > 0.0f && p.sat_pow <= kMaxPow && p.val_pow > 0.0f && p.val_pow <= kMaxPow)) {
+    for (int64_t k = 0; k < npix; k++)  // outside the fast path's range: per pixel, exactly
+      ColorPixel(in + 3 * k, out + 3 * k, p);
+    return;
   }
+#ifdef AUGSVC_AVX2_KERNEL
+  if (__builtin_cpu_supports("avx2"))
+    return RunAvx2(in, out, npix, p);
+#endif
+  RunBaseline(in, out, npix, p);
 }
 
 }  // namespace augsvc

@@ -18,8 +18,10 @@ runs may use the same addresses.
 
 Names. `/etc/netns/<ns>/hosts` (which `ip netns exec` bind-mounts on /etc/hosts) names
 every host, and `SERVICE_NAME` once per server host, so it resolves to all of them (as a
-headless Service's name does). The files are rewritten in place when a host joins or
-leaves, so processes already running see the change on their next lookup. Checked here:
+headless Service's name does), except hosts taken out with `list_in_service(host, False)`
+(a pod that is not ready: it runs, but the name no longer lists it). The files are
+rewritten in place when a host joins or leaves, so processes already running see the
+change on their next lookup. Checked here:
 `socket.getaddrinfo` (glibc) returns every address, but grpc's default resolver (c-ares)
 takes only the first line of a hosts file for a name (one of three connections made, with
 `round_robin`); `GRPC_DNS_RESOLVER=native` gives all three.
@@ -142,6 +144,7 @@ class Network:
         self.tag = f"{PREFIX}-{os.getpid()}-{next(_networks)}"
         self.bridge_ns = f"{self.tag}-bridge"
         self.hosts: dict[str, Host] = {}
+        self._unlisted: set[str] = set()  # server hosts left out of SERVICE_NAME
         self._next_server = 0
         self._closed = False
         atexit.register(self.close)
@@ -167,15 +170,26 @@ class Network:
         """The server hosts, in the order they joined."""
         return [h for name, h in self.hosts.items() if name != "trainer"]
 
-    def add_server(self) -> Host:
-        """A new server host (`server-<i>` at 198.18.0.<11 + i>); SERVICE_NAME includes it."""
+    def add_server(self, listed: bool = True) -> Host:
+        """A new server host (`server-<i>` at 198.18.0.<11 + i>); SERVICE_NAME includes it
+        unless `listed` is False (then `list_in_service` adds it later)."""
         i = self._next_server
         self._next_server += 1
-        return self._add_host(f"server-{i}", f"{SUBNET}.{11 + i}")
+        name = f"server-{i}"
+        if not listed:
+            self._unlisted.add(name)
+        return self._add_host(name, f"{SUBNET}.{11 + i}")
+
+    def list_in_service(self, host: Host, listed: bool = True) -> None:
+        """Put `host` in SERVICE_NAME, or (`listed` False) take it out while it keeps
+        running, as a pod turning ready or leaving a headless Service's answer."""
+        (self._unlisted.discard if listed else self._unlisted.add)(host.name)
+        self._write_hosts()
 
     def remove_host(self, host: Host) -> None:
         """Kill what runs on `host`, delete it and drop it from every hosts file."""
         del self.hosts[host.name]
+        self._unlisted.discard(host.name)
         _delete_namespace(host.ns)
         self._write_hosts()
 
@@ -196,7 +210,8 @@ class Network:
     def _write_hosts(self) -> None:
         lines = ["127.0.0.1 localhost"]
         lines += [f"{h.address} {h.name}" for h in self.hosts.values()]
-        lines += [f"{h.address} {SERVICE_NAME}" for h in self.servers]
+        lines += [f"{h.address} {SERVICE_NAME}" for h in self.servers
+                  if h.name not in self._unlisted]
         text = "\n".join(lines) + "\n"
         for host in self.hosts.values():
             path = NETNS_ETC / host.ns / "hosts"
@@ -379,9 +394,11 @@ class Cluster:
         return rc
 
     def add_replica(self) -> Host:
-        """A new server host, serving, and in SERVICE_NAME: a replica joining mid-epoch."""
-        host = self.net.add_server()
+        """A new server host, serving, then in SERVICE_NAME: a replica joining mid-epoch
+        (listed once it serves, as a pod once its readiness probe passes)."""
+        host = self.net.add_server(listed=False)
         self.start(host)
+        self.net.list_in_service(host)
         return host
 
     def remove_replica(self, host: Host) -> None:
@@ -451,6 +468,13 @@ class Trainer:
 
     def stderr(self) -> str:
         return self.err.read_text(encoding="utf-8", errors="replace")
+
+    def stats(self) -> dict[str, Any]:
+        """The loader's `stats().as_dict()` at the end of a finished epoch (per server
+        address: batches, images, bytes, failures, ...)."""
+        last = (self.lines() or [{}])[-1]
+        assert "stats" in last, f"the trainer has not finished: {self._summary()}"
+        return last["stats"]
 
     def wait_for(self, batches: int) -> None:
         """Block until `batches` batches were delivered; RuntimeError if the trainer ended

@@ -6,8 +6,8 @@
 TARGETs go to `AugmentLoader` as given (host:port addresses, or any target the loader
 accepts). Each batch is appended to FILE as `epochs.batch_record` (flushed, so a test can
 follow the progress), then the script sleeps `--step-s` (a training step). The last line is
-`{"done": true, "batches": n, "seconds": s}`, or `{"error": "..."}` (exit status 1) when the
-loader raised. Loader log lines go to stderr.
+`{"done": true, "batches": n, "seconds": s, "stats": loader.stats().as_dict()}`, or
+`{"error": "..."}` (exit status 1) when the loader raised. Loader log lines go to stderr.
 """
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                     write(batch_record(args.epoch, meta.index, meta.sample_ids, labels, images))
                     count += 1
                     time.sleep(args.step_s)
+                stats = loader.stats().as_dict()
         except AugsvcError as exc:
             write({"error": str(exc)})
             return 1
-        write({"done": True, "batches": count, "seconds": time.monotonic() - started})
+        write({"done": True, "batches": count, "seconds": time.monotonic() - started,
+               "stats": stats})
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -64,6 +65,23 @@ def test_peer_without_tensorflow_is_a_row_with_its_reason(tmp_path: Path) -> Non
     assert "(e) tf.data service, end to end" in out.stdout
     rows = {r.key: r for r in plot_rows(result)}
     assert "No module named 'tensorflow'" in rows["e"].text and rows["e"].img_s is None
+
+
+def test_colour_cost_script_interleaves_the_two_engines() -> None:
+    """scripts/colour_cost.py (docs/benchmarks.md's (a)/(a0) by CPU time) runs both engines
+    and prints a ratio that is its two figures' (not asserted: a speed)."""
+    script = Path(__file__).parent.parent / "scripts" / "colour_cost.py"
+    out = subprocess.run([sys.executable, str(script), "--seconds", "1", "--images", "8"],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = re.fullmatch(r"\(a\) ([\d.]+) img/cpu-s \(([\d.]+) img/s\), \(a0\) ([\d.]+) img/cpu-s "
+                     r"\(([\d.]+) img/s\); a/a0 by CPU time ([\d.]+), by wall clock ([\d.]+); "
+                     r"(\d+) images each\n", out.stdout)
+    assert m, out.stdout
+    a_cpu, a_wall, a0_cpu, a0_wall, by_cpu, by_wall = map(float, m.groups()[:6])
+    assert min(a_cpu, a_wall, a0_cpu, a0_wall) > 0 and int(m[7]) % 64 == 0
+    assert by_cpu == pytest.approx(a_cpu / a0_cpu, rel=0.01)
+    assert by_wall == pytest.approx(a_wall / a0_wall, rel=0.01)
 
 
 @pytest.mark.skipif(not os.environ.get("AUGSVC_TF_PYTHON"),

@@ -12,6 +12,7 @@ The build cache, its lock and the error messages are tested with a stubbed compi
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,53 @@ def edge_params() -> np.ndarray:
     return np.array(rows, dtype=np.float32)
 
 
+def spec_end_params() -> np.ndarray:
+    """The ends of the spec's ranges (exponents 1/16 and 16, scales 0 and 16, shifts +-1,
+    hue shifts +-0.5), and exponents past the CPU kernel's fast path (it then runs the exact
+    per-pixel code)."""
+    rows = [
+        [0.5, 1 / 16, 1, 0, 1 / 16, 1, 0, 0, 0, 0],
+        [-0.5, 16, 1, 0, 16, 1, 0, 0, 0, 0],
+        [0.25, 16, 16, 0, 1 / 16, 16, 0, 0, 0, 0],
+        [-0.25, 1 / 16, 16, -1, 16, 0, 1, 0, 0, 0],
+        [0.1, 3.7, 0.05, 0.97, 0.3, 1, -0.02, 100, -100, 0.4],
+        [0.07, 1.0001, 1, 0, 0.9999, 1, 0, 0.5, -0.5, 0],  # exponents next to 1
+        [0.03, 100, 1.1, 0, 0.5, 1, 0, 0, 0, 0],  # past the fast path: S
+        [0.03, 1.3, 1, 0, 70, 1, 0, 1, 2, 3],  # and V
+    ]
+    return np.array(rows, dtype=np.float32)
+
+
+def wide_random_params(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 10) float32 drawn over the whole range the spec accepts (AugmentSpec.validate)."""
+    return np.column_stack(
+        [
+            rng.uniform(-0.5, 0.5, n),
+            np.exp(rng.uniform(np.log(1 / 16), np.log(16), n)),
+            rng.uniform(0, 16, n),
+            rng.uniform(-1, 1, n),
+            np.exp(rng.uniform(np.log(1 / 16), np.log(16), n)),
+            rng.uniform(0, 16, n),
+            rng.uniform(-1, 1, n),
+            rng.normal(0, 30, (n, 3)),
+        ]
+    ).astype(np.float32)
+
+
+def level_pixels() -> np.ndarray:
+    """(256, 16, 3) uint8: for every level v = max(R, G, B), greys, near-greys (S near 0),
+    saturated primaries and secondaries, and hues on both sides of the 0/1 wrap."""
+    v = np.arange(256)
+    lo, half, zero, one = np.maximum(v - 1, 0), v // 2, 0 * v, np.minimum(v, 1)
+    px = [
+        (v, v, v), (v, lo, lo), (lo, v, v), (v, v, lo), (v, lo, v),
+        (v, zero, zero), (zero, v, zero), (zero, zero, v), (v, v, zero), (zero, v, v),
+        (v, zero, v), (v, zero, one), (v, one, zero), (v, half, zero), (v, zero, half),
+        (half, zero, v),
+    ]  # fmt: skip
+    return np.stack([np.stack(rgb, axis=-1) for rgb in px], axis=1).astype(np.uint8)
+
+
 def all_colours(step: int = 4) -> np.ndarray:
     """(L, L*L, 3) uint8 grid of RGB levels (0..255 in `step`s, plus 1, 254, 255)."""
     levels = np.unique(np.r_[np.arange(0, 256, step), 1, 254, 255]).astype(np.uint8)
@@ -162,12 +210,33 @@ def grid_batch() -> tuple[list[np.ndarray], np.ndarray]:
     return [all_colours()] * len(params), params
 
 
+def spec_end_batch() -> tuple[list[np.ndarray], np.ndarray]:
+    params = spec_end_params()
+    return [all_colours(step=8)] * len(params), params
+
+
+def level_batch() -> tuple[list[np.ndarray], np.ndarray]:
+    params = np.vstack([edge_params(), spec_end_params(),
+                        wide_random_params(np.random.default_rng(5), 8)])
+    return [level_pixels()] * len(params), params
+
+
+def wide_random_batch(seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+    return images, wide_random_params(rng, len(images))
+
+
 BATCHES = {
     "random0": lambda: random_batch(0),
     "random1": lambda: random_batch(1),
     "random2": lambda: random_batch(2),
     "edges": edge_batch,
     "colour_grid": grid_batch,
+    "spec_ends": spec_end_batch,
+    "levels": level_batch,
+    "wide_random0": lambda: wide_random_batch(3),
+    "wide_random1": lambda: wide_random_batch(4),
 }
 
 
@@ -257,6 +326,44 @@ def test_gpu_agrees_with_cpu(batch: str) -> None:
         expect = ref.color(images[i], params[i].astype(np.float64))
         near_tie = np.abs(expect - np.floor(expect) - 0.5) < ROUND_TOL
         assert not (diff[~near_tie]).any(), f"sample {i}: cpu and gpu differ off a rounding tie"
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the AVX2/SSE variants are x86-64's")
+def test_cpu_kernel_variants_agree(tmp_path: Path) -> None:
+    """The AVX2 kernel and the baseline's x86-64-v2 and SSE2 clones give the same bytes on all
+    2^24 colours, for every parameter vector of scripts/bench_color_kernel.cc (its
+    --hash-only mode): the plugin runs whichever this CPU has, the others only here."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++ (apt-get install g++) to build the kernel's variants")
+    variants = {
+        "avx2": [],
+        "x86-64-v2": ["-DAUGSVC_NO_AVX2"],
+        "sse2": ["-DAUGSVC_NO_AVX2", "-DAUGSVC_BASELINE_CLONES="],
+    }
+    bench = Path(__file__).parent.parent / "scripts" / "bench_color_kernel.cc"
+    builds = {
+        name: subprocess.Popen(
+            [cxx, *kernels.CXX_FLAGS, *flags, f"-I{kernels.SOURCE_DIR}", str(bench),
+             str(kernels.SOURCE_DIR / "color_cpu.cc"), "-o", str(tmp_path / name)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for name, flags in variants.items()
+    }  # fmt: skip
+    for name, proc in builds.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {out[-3000:]}"
+    runs = {
+        name: subprocess.Popen([str(tmp_path / name), "--hash-only"], stdout=subprocess.PIPE,
+                               text=True)
+        for name in variants
+    }
+    hashes = {}
+    for name, proc in runs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0 and out.startswith("output hash "), f"{name}: {out!r}"
+        hashes[name] = out.split()[-1]
+    assert len(set(hashes.values())) == 1, hashes
 
 
 # ---- the build cache, with the compiler stubbed out -------------------------------------

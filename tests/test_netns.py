@@ -10,9 +10,11 @@ The trainer sleeps `STEP_S` per batch (a training step), so the faults land mid-
 its loader's `timeout` is 3 s (default 60 s): how long a silent server is waited for.
 
 For discovery tests: the `service_target` fixture is one name:port for every server host,
-`add_replica()` adds a serving host to it (mid-epoch when called while a trainer runs) and
+`add_replica()` adds a serving host to it (mid-epoch when called while a trainer runs),
+`network.list_in_service(host, False)` takes one out of the name, and
 `cluster.served_batches(host)` then tells whether the host got work. The loader resolves a
-name itself (augsvc.client.discovery: getaddrinfo, every address in the hosts file).
+name itself (augsvc.client.discovery: getaddrinfo, every address in the hosts file), again
+every `RESOLVE_S` in the scaling tests (its `resolve_interval`, default 30 s).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ BATCH = 4
 SEED = 11
 STEP_S = 0.1
 LOADER = {"timeout": 3.0}
+RESOLVE_S = 0.5  # the scaling tests' resolve_interval
+# batches still to come when the replica set changes: well over the read-ahead already
+# handed out (batches_per_request + 1 = 3 per stream: 24 with four replicas of 2 streams)
+MARGIN = 40
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +227,78 @@ def test_loss_and_rate_limit(network, cluster, reference, tmp_path):
         network.remove_loss(network.trainer)
     assert dropped > 0, "the loss rule dropped nothing"
     assert_same_epoch(records, want)
+
+
+def served_by(stats: dict, host: netns.Host) -> int:
+    """Batches the trainer's loader received from `host` (its `loader.stats()`)."""
+    return stats["servers"].get(host.target(), {}).get("batches", 0)
+
+
+def assert_each_batch_received_once(stats: dict, want: list[dict]) -> None:
+    """The loader's per-server counts add up to the epoch: nothing received twice."""
+    per_server = {a: s["batches"] for a, s in stats["servers"].items()}
+    assert sum(per_server.values()) == len(want), per_server
+
+
+def test_a_replica_added_mid_epoch_receives_batches(network, cluster, service_target,
+                                                    add_replica, reference, tmp_path):
+    """Scale-up: a fourth replica starts and joins the name mid-epoch; the loader (looking
+    the name up every RESOLVE_S) gives it work, and the epoch is still the engine's."""
+    want = reference(5)
+    with trainer(network, cluster, tmp_path, epoch=5, targets=[service_target],
+                 resolve_interval=RESOLVE_S) as run:
+        run.wait_for(10)
+        replica = add_replica()
+        if len(want) - len(run.records()) <= MARGIN:
+            pytest.fail(f"the epoch was nearly over when {replica.name} joined: "
+                        f"{len(run.records())} of {len(want)} batches")
+        records = run.finish()
+    stats = run.stats()
+    assert_same_epoch(records, want)
+    assert f"augsvc server {replica.target()} joined" in run.stderr()
+    received = served_by(stats, replica)
+    assert received > 0, f"{replica.name} got no batch: {stats['servers']}"
+    assert_each_batch_received_once(stats, want)
+    # its own log: it sent at least what the loader counted (a call cut short may send more)
+    assert wait_until(lambda: cluster.served_batches(replica) >= received), (
+        cluster.served_batches(replica), received)
+
+
+@pytest.mark.parametrize("seen", ["before_the_stop", "through_its_failures"])
+def test_a_replica_removed_mid_epoch_hands_its_work_back(network, cluster, service_target,
+                                                         add_replica, reference, tmp_path,
+                                                         seen):
+    """Scale-down: one of four replicas is taken out of the name mid-epoch, then stopped
+    (SIGTERM). Either the loader's next lookup (every RESOLVE_S) sees it leave before the
+    stop: its streams finish their calls and retire, no call fails. Or the stop comes
+    first (the loader looks only every 60 s, as when DNS lags behind the SIGTERM): its
+    calls are refused, hand their batches back, and the failure makes the loader look
+    again and retire it. Either way the epoch is the engine's, and the loader received
+    from it no more than its own log says it sent."""
+    want = reference(6)
+    leaving = add_replica()
+    interval = RESOLVE_S if seen == "before_the_stop" else 60.0
+    with trainer(network, cluster, tmp_path, epoch=6, targets=[service_target],
+                 resolve_interval=interval) as run:
+        assert wait_until(lambda: cluster.served_batches(leaving) > 0, 30), (
+            f"{leaving.name} got no work before it was to leave")
+        run.wait_for(10)
+        network.list_in_service(leaving, False)
+        if seen == "before_the_stop":
+            assert wait_until(lambda: f"augsvc server {leaving.target()} left" in run.stderr())
+        assert cluster.stop(leaving) == 0
+        if len(want) - len(run.records()) <= MARGIN:
+            pytest.fail(f"the epoch was nearly over when {leaving.name} stopped: "
+                        f"{len(run.records())} of {len(want)} batches")
+        sent = cluster.served_batches(leaving)  # final: its server has exited
+        records = run.finish()
+    stats = run.stats()
+    assert_same_epoch(records, want)
+    assert f"augsvc server {leaving.target()} left" in run.stderr()
+    assert 0 < served_by(stats, leaving) <= sent, (served_by(stats, leaving), sent)
+    assert_each_batch_received_once(stats, want)
+    failures = stats["servers"][leaving.target()]["failures"]
+    if seen == "before_the_stop":  # a clean scale-down costs no failure
+        assert failures == 0, stats["servers"]
+    else:
+        assert failures > 0 and stats["failovers"] > 0, stats

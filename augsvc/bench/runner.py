@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from augsvc.core.stats import DatasetStats
     from augsvc.engine.dataset import DatasetIndex
 
-__all__ = ["BenchConfig", "run_bench"]
+__all__ = ["BenchConfig", "engine_batches", "run_bench"]
 
 SERVING_LINE = re.compile(r"serving .* on (\S+):(\d+)")
 
@@ -105,17 +105,18 @@ def _engine(cfg: BenchConfig, data: Path) -> list[Figure]:
     stats = load_stats(index, cfg.spec.stats)
     plain = cfg.spec.replace(hsv=False, pca=False)
     return [
-        _timed("a", "(a) engine, in-process", _engine_batches(cfg, index, stats, cfg.spec),
+        _timed("a", "(a) engine, in-process", engine_batches(cfg, index, stats, cfg.spec),
                cfg, _image_bytes(cfg.spec)),
         _timed("a0", "(a0) engine, decode + crop + flip only",
-               _engine_batches(cfg, index, stats, plain), cfg, _image_bytes(cfg.spec),
+               engine_batches(cfg, index, stats, plain), cfg, _image_bytes(cfg.spec),
                note="the full chain without HSV and fancy PCA"),
     ]
 
 
-def _engine_batches(cfg: BenchConfig, index: DatasetIndex, stats: DatasetStats,
-                    spec: AugmentSpec) -> Generator[int, None, None]:
-    """Batches of one epoch after another through an in-process Augmenter."""
+def engine_batches(cfg: BenchConfig, index: DatasetIndex, stats: DatasetStats,
+                   spec: AugmentSpec) -> Generator[int, None, None]:
+    """Batches of one epoch after another through an in-process Augmenter; yields each
+    batch's size (also for scripts/colour_cost.py, which interleaves two of them)."""
     from augsvc.core.sampling import EpochPlan
     from augsvc.engine.augmenter import Augmenter
 
