@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVING_LINE = re.compile(
     r"^augsvc: serving (?P<datasets>\d+) dataset\(s\) on (?P<host>\S+):(?P<port>\d+) "
     r"\(device=(?P<device>\w+), workers=(?P<workers>\d+)"
-    r"(, health_port=(?P<health_port>\d+))?\)$"
+    r"(, health_port=(?P<health_port>\d+))?(, metrics_port=(?P<metrics_port>\d+))?\)$"
 )
 
 
@@ -66,6 +66,7 @@ class ServerProcess:
     stderr_path: Path
     stdout_lines: list[str] = field(default_factory=list)
     health_port: int | None = None  # the health-only port of --health-port
+    metrics_port: int | None = None  # the /metrics port of --metrics-port
 
     @property
     def address(self) -> str:
@@ -193,9 +194,10 @@ def _wait_until_serving(proc: subprocess.Popen, lines: queue.Queue[str | None],
             seen.append(line)
             match = SERVING_LINE.match(line)
             if match:
-                health_port = match["health_port"]
+                ports = [None if match[name] is None else int(match[name])
+                         for name in ("health_port", "metrics_port")]
                 return ServerProcess(proc, match["host"], int(match["port"]), stderr_path,
-                                     seen, int(health_port) if health_port else None)
+                                     seen, *ports)
         if left <= 0:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)

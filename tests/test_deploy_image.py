@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from imagebuild import (
     kill_tree,
     missing_tools,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from serverproc import REPO_ROOT, running_server
 
 import augsvc
@@ -41,6 +43,7 @@ from augsvc.core.spec import AugmentSpec
 from augsvc.engine.augmenter import Augmenter
 from augsvc.engine.dataset import FOLDER_CACHE_NAME, open_dataset
 from augsvc.engine.statistics import load_stats
+from augsvc.server import exporter
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -118,8 +121,9 @@ def test_dockerfile_bases_are_bookworm_slim() -> None:
 def test_image_config(config: dict, buildah: Buildah, image: str) -> None:
     assert config["Entrypoint"] == ["augsvc", "serve"]
     args = _serve_args(config)
-    assert (args.host, args.port, args.health_port) == ("0.0.0.0", 50051, 50052)
-    assert set(config["ExposedPorts"]) == {"50051/tcp", "50052/tcp"}
+    assert (args.host, args.port, args.health_port, args.metrics_port) == (
+        "0.0.0.0", 50051, 50052, 50053)
+    assert set(config["ExposedPorts"]) == {"50051/tcp", "50052/tcp", "50053/tcp"}
     assert config["Healthcheck"]["Test"] == ["CMD", "augsvc", "health", "127.0.0.1:50052"]
     build_parser().parse_args(config["Healthcheck"]["Test"][2:])  # a valid command line
     user, _, group = config["User"].partition(":")
@@ -156,8 +160,8 @@ def test_image_serves_an_epoch_equal_to_the_engine(
     with buildah.container(TAG) as ctr:
         command = [*buildah.run_command(ctr, volumes=(f"{data}:{mounted}:ro",)),
                    *config["Entrypoint"], *config["Cmd"]]
-        with running_server({}, "--health-port", "0", "--dali-threads", "1", command=command,
-                            timeout=180) as server:
+        with running_server({}, "--health-port", "0", "--metrics-port", "0", "--dali-threads",
+                            "1", command=command, timeout=180) as server:
             try:
                 _check_running(buildah, ctr, server, name, data, config)
             finally:
@@ -187,8 +191,10 @@ def _check_running(buildah: Buildah, ctr: str, server, name: str, data: Path,
     processes = [p for p in descendants(server.proc.pid) if _comm(p) == "augsvc"]
     parent = next(p for p in processes if _ppid(p) not in processes)
     assert len(processes) == 2  # the parent and its one worker
+    metrics = [p for p in descendants(server.proc.pid) if _comm(p) == exporter.NAME]
+    assert len(metrics) == 1  # --metrics-port's process
     user = int(config["User"].partition(":")[0])
-    for pid in processes:
+    for pid in processes + metrics:
         assert _uids(pid) == [user] * 4, f"pid {pid} runs as {_uids(pid)}"
 
     with AugmentLoader(address, name, SPEC, batch_size=BATCH, seed=SEED,
@@ -208,6 +214,12 @@ def _check_running(buildah: Buildah, ctr: str, server, name: str, data: Path,
         np.testing.assert_array_equal(labels, w.labels)
         assert images.shape == (BATCH, 64, 64, 3)
         assert np.array_equal(images, w.images), f"batch {meta.index} differs"
+    url = f"http://127.0.0.1:{server.metrics_port}{exporter.PATH}"  # from the host
+    with urllib.request.urlopen(url, timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    sent = {s.labels["dataset"]: s.value for family in families for s in family.samples
+            if s.name == "augsvc_sent_images_total"}
+    assert sent == {name: len(index)}
 
     os.kill(parent, signal.SIGTERM)  # what `docker stop` sends the entrypoint
     assert server.proc.wait(60) == 0, server.stderr()

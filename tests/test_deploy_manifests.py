@@ -30,6 +30,7 @@ from serverproc import REPO_ROOT
 from augsvc import wire
 from augsvc.cli import build_parser
 from augsvc.cli.serve import _datasets
+from augsvc.server import exporter
 from augsvc.server.supervisor import STOP_MARGIN
 
 pytestmark = pytest.mark.deploy
@@ -118,7 +119,8 @@ def test_dockerfile_flags_and_ports(tmp_path: Path) -> None:
     image = image_facts()
     assert image["entrypoint"] == ["augsvc", "serve"]
     args = parse(image["entrypoint"][1:] + image["cmd"], {}, tmp_path)
-    assert args.host == "0.0.0.0" and image["expose"] == {args.port, args.health_port}
+    assert args.host == "0.0.0.0" and args.metrics_port is not None
+    assert image["expose"] == {args.port, args.health_port, args.metrics_port}
     health = parse(image["health"], {}, tmp_path)
     assert health.target == f"127.0.0.1:{args.health_port}" and health.service == ""
     assert image["uid"] != 0
@@ -184,7 +186,9 @@ def test_compose_commands_use_real_flags(compose: dict, name: str, tmp_path: Pat
         assert gpu["devices"] == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     if args.command == "serve":
         assert parse(image["health"], {}, tmp_path).target == f"127.0.0.1:{args.health_port}"
-        assert [p.split(":")[-1] for p in service["ports"]] == [str(args.port)]
+        published = [p.split(":") for p in service["ports"]]
+        assert [p[-1] for p in published] == [str(args.port), str(args.metrics_port)]
+        assert all(len(set(p)) == 1 for p in published)  # each on the host's same port
         assert str(args.token_file) == f"/run/secrets/{service['secrets'][0]}"
         datasets, stats = _datasets(args.dataset)
         for path in [*datasets.values(), *stats.values()]:
@@ -306,10 +310,21 @@ def check_server(docs: list[dict], variant: str, tmp_path: Path) -> None:
     assert stats["imagenet"] == prepare.out and datasets["imagenet"] == prepare.path
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": args.port, "health": args.health_port}
+    assert ports == {"grpc": args.port, "health": args.health_port, "metrics": args.metrics_port}
+    annotations = pod["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true",
+                           "prometheus.io/port": str(args.metrics_port),
+                           "prometheus.io/path": exporter.PATH}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == args.health_port, probe
-    assert container["readinessProbe"]["grpc"]["service"] == wire.SERVICE_NAME
+    ready = container["readinessProbe"]
+    assert ready["grpc"]["service"] == wire.SERVICE_NAME
+    # The drain's order against the probes (deploy/README.md): from SIGTERM on, health is
+    # NOT_SERVING and new streams are refused (retried elsewhere) while running ones get
+    # --grace. Readiness turns the pod unready well inside --grace (a failing probe within
+    # one period, `failureThreshold` of them); liveness never kills a draining pod, which
+    # exits within --grace + the stop margin, all before Kubernetes' SIGKILL.
+    assert ready["periodSeconds"] * (ready["failureThreshold"] + 1) <= args.grace / 2
     live = container["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > args.grace + STOP_MARGIN
     assert spec["terminationGracePeriodSeconds"] >= args.grace + STOP_MARGIN

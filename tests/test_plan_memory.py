@@ -21,6 +21,8 @@ from augsvc.core.sampling import EpochOrder, EpochPlan
 from augsvc.core.spec import AugmentSpec
 from augsvc.engine.synth import make_dataset
 from augsvc.server import load_catalog
+from augsvc.server.admission import Admission
+from augsvc.server.batchcache import BatchCache
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.plans import MIN_PLAN_BYTES, OrderCache, plan_budget
 from augsvc.server.servicer import AugmentServicer, _Abort
@@ -126,19 +128,25 @@ def test_an_order_larger_than_the_budget_is_refused(tmp_path: Path) -> None:
     files = sorted(root.rglob("*.jpg"))
     manifest.write_text("path,label\n" + "".join(f"{p},{i}\n" for i, p in enumerate(files)))
     catalog = load_catalog({"skewed": manifest})  # 4 classes of 1: balancing is a no-op...
-    pool = PipelinePool(device="cpu", device_id=0, dali_threads=1, io_threads=1, max_idle=0)
-    servicer = AugmentServicer(catalog, pool, max_streams=1, max_batch_size=8, prefetch=1)
-    servicer.orders = OrderCache(max_bytes=8 * 4 - 1)  # ...but the budget is under 4 entries
-    req = pb.StreamBatchesRequest(dataset="skewed", seed=0, batch_size=1, balance=True,
-                                  spec=spec_to_proto(SPEC))
-    with pytest.raises(_Abort) as info:
-        servicer._validate(req)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "up-samples the dataset to 4 entries" in info.value.details
-    assert "limit of 0 MiB for epoch orders" in info.value.details
-    assert servicer.orders.nbytes == 0
-    servicer.orders = OrderCache(max_bytes=1 << 20)
-    assert len(servicer._validate(req).plan) == 4
+    cache = BatchCache(0)
+    pool = PipelinePool(device="cpu", device_id=0, dali_threads=1, io_threads=1, max_idle=0,
+                        max_memory=1 << 20, depth=1, cache=cache)
+    servicer = AugmentServicer(catalog, pool, Admission(1), max_batch_size=8, cache=cache,
+                               stall_timeout=0, metrics=pool.metrics)
+    try:
+        servicer.orders = OrderCache(max_bytes=8 * 4 - 1)  # ...but the budget is under 4
+        req = pb.StreamBatchesRequest(dataset="skewed", seed=0, batch_size=1, balance=True,
+                                      spec=spec_to_proto(SPEC))
+        with pytest.raises(_Abort) as info:
+            servicer._validate(req)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "up-samples the dataset to 4 entries" in info.value.details
+        assert "limit of 0 MiB for epoch orders" in info.value.details
+        assert servicer.orders.nbytes == 0
+        servicer.orders = OrderCache(max_bytes=1 << 20)
+        assert len(servicer._validate(req).plan) == 4
+    finally:
+        servicer.join_streams(timeout=1.0)
 
 
 # ---------------------------------------------------------------------------

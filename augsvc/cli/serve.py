@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Worker processes share one port (SO_REUSEPORT); each has its own DALI pipelines. "
         "On start one line goes to stdout:\n"
         "  augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)\n"
-        "(with --health-port: `..., workers=<w>, health_port=<p>)`).\n"
+        "(with --health-port and --metrics-port: `..., workers=<w>, health_port=<p>, "
+        "metrics_port=<q>)`, each part only with its option).\n"
         "SIGINT (Ctrl-C) or SIGTERM stops gracefully: health turns NOT_SERVING, new streams "
         "are refused with UNAVAILABLE, running streams get --grace seconds to finish; a "
         "second signal cancels them. Exit code 0 after a clean stop.\n\n"
@@ -69,6 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "tokens (Kubernetes' gRPC probes with --tls-cert on). It reports what the "
                      "main port reports, NOT_SERVING while draining included; 0 picks a free "
                      "one, printed on the serving line (default: none)")
+    net.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                     help="serve Prometheus metrics at http://HOST:N/metrics (same --host; "
+                     "plain HTTP, no token): images, bytes and batches sent, refusals, "
+                     "latency, memory, worker restarts, GPU memory; the sums over every "
+                     "worker. 0 picks a free port, printed on the serving line (default: "
+                     "none)")
     work = p.add_argument_group("processing")
     work.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                       help="where DALI runs: gpu (nvJPEG decode + CUDA kernels), cpu, or auto: "
@@ -84,12 +91,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "most 8)")
     work.add_argument("--io-threads", type=int, default=4, metavar="N",
                       help="file-reading threads per pipeline (default: 4)")
+    work.add_argument("--gpus", metavar="LIST",
+                      help="run --workers workers on each of these GPUs, all on one port: "
+                      "indices like 0,1 (of the GPUs CUDA_VISIBLE_DEVICES shows, if set) or "
+                      "'all'; each worker sees only its GPU (default: --device-id only)")
     work.add_argument("--prefetch", type=int, default=2, metavar="N",
-                      help="finished batches a stream computes ahead of the one being sent; "
+                      help="finished batches a stream has made ahead of the one being sent; "
                       "bounds each stream's memory (default: 2)")
     work.add_argument("--pipeline-cache", type=int, default=4, metavar="N",
-                      help="idle pipelines each worker keeps for reuse by later streams with "
-                      "the same dataset, spec and batch size (default: 4)")
+                      help="pipelines without streams each worker keeps for later streams "
+                      "with the same dataset, spec and batch size; streams that share those "
+                      "share one pipeline (default: 4)")
     work.add_argument("--batch-cache-mb", type=int, default=0, metavar="MB",
                       help="memory per worker for finished batches, sent again from memory "
                       "when the same batch is asked for again (failover re-requests, jobs "
@@ -97,10 +109,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-streams", type=int, default=64, metavar="N",
                         help="concurrent StreamBatches calls per worker; more are refused "
-                        "with RESOURCE_EXHAUSTED (default: 64)")
+                        "with RESOURCE_EXHAUSTED and trailing metadata augsvc-retry: busy, "
+                        "which AugmentLoader retries (default: 64)")
     limits.add_argument("--max-batch-size", type=int, default=1024, metavar="N",
                         help="largest batch_size a request may ask for; larger ones are "
                         "refused with RESOURCE_EXHAUSTED (default: 1024)")
+    limits.add_argument("--max-memory", default="auto", metavar="SIZE",
+                        help="memory per worker for batches being made or not yet sent, all "
+                        "streams together (e.g. 512M, 4G; a bare number is MiB); streams "
+                        "wait when it is full. auto: a quarter of the memory available "
+                        "(MemAvailable, or what a cgroup limit leaves) divided among the "
+                        "workers, at least 256M (default: auto)")
+    limits.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="cancel a stream whose client reads nothing for this long, with "
+                        "DEADLINE_EXCEEDED (clients retry), freeing its memory; 0: never "
+                        "(default: 60)")
     limits.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                         help="seconds running streams get to finish on shutdown (default: 10)")
     sec = p.add_argument_group("security")
@@ -152,6 +175,26 @@ def _datasets(items: list[str]) -> tuple[dict[str, Path], dict[str, Path]]:
     return out, stats
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _memory_size(text: str) -> int | None:
+    """--max-memory: None for auto, else bytes ("512M", "4G", or MiB without a unit)."""
+    size = text.strip().upper().removesuffix("B").removesuffix("I")
+    if size == "AUTO":
+        return None
+    unit = _SIZE_UNITS.get(size[-1:])
+    number = size[:-1] if unit else size
+    try:
+        value = float(number) * (unit or _SIZE_UNITS["M"])
+    except ValueError:
+        raise ValueError(f"--max-memory {text!r}: expected auto or a size like 512M or 4G") \
+            from None
+    if not 1 <= value < float(1 << 62):
+        raise ValueError(f"--max-memory {text!r}: must be at least one byte")
+    return int(value)
+
+
 def _token(args: argparse.Namespace) -> str | None:
     if args.token_file is not None and args.token is not None:
         raise ValueError("give either --token-file or --token, not both")
@@ -181,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
     from augsvc.core.stats import StatsError
     from augsvc.engine.dataset import DatasetError
     from augsvc.server import ServerConfig, serve
+    from augsvc.server.gpus import parse_gpus
     from augsvc.server.logs import configure
 
     configure(args.log_level, args.log_format)
@@ -205,6 +249,10 @@ def run(args: argparse.Namespace) -> int:
             io_threads=args.io_threads,
             batch_cache_mb=args.batch_cache_mb,
             grace=args.grace,
+            stall_timeout=args.stall_timeout,
+            max_memory=_memory_size(args.max_memory),
+            metrics_port=args.metrics_port,
+            gpus=parse_gpus(args.gpus) if args.gpus is not None else (),
             max_connection_age=args.max_connection_age,
             max_connection_age_grace=args.max_connection_age_grace,
             tls_cert=args.tls_cert,

@@ -1,4 +1,11 @@
-"""`AugsvcError`, and which gRPC statuses a retry cannot fix."""
+"""`AugsvcError`, and which gRPC statuses a retry cannot fix.
+
+A status in `FATAL_CODES` fails the pass at once, unless the server marked the refusal
+as one that waiting fixes: trailing metadata `augsvc-retry` (`wire.RETRY_KEY`), which
+augsvc servers set when they are full (RESOURCE_EXHAUSTED over --max-streams) or
+draining (UNAVAILABLE). The same status without it, e.g. RESOURCE_EXHAUSTED for a batch
+over --max-batch-size, is the request's own fault (`fatal`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,9 @@ from typing import Any
 
 import grpc
 
-__all__ = ["FATAL_CODES", "AugsvcError", "status"]
+from augsvc import wire
+
+__all__ = ["FATAL_CODES", "AugsvcError", "fatal", "retry_hint", "status"]
 
 # Statuses a retry on another stream or server cannot fix: fail at once.
 FATAL_CODES = frozenset({
@@ -62,3 +71,18 @@ def status(err: grpc.RpcError) -> tuple[grpc.StatusCode | None, str]:
     code = err.code() if callable(getattr(err, "code", None)) else None
     details = err.details() if callable(getattr(err, "details", None)) else None
     return code, details or str(err)
+
+
+def retry_hint(err: grpc.RpcError) -> str | None:
+    """Why the server says a retry will do ("busy", "draining"), or None."""
+    trailing = getattr(err, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == wire.RETRY_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def fatal(err: grpc.RpcError) -> bool:
+    """No retry can fix this failure (module docstring)."""
+    code, _ = status(err)
+    return code in FATAL_CODES and retry_hint(err) is None

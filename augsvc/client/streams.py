@@ -7,7 +7,9 @@ memory). On a retryable failure it hands the group's unfinished batches back (an
 stream of any server fetches them again: by determinism, the same bytes), backs off
 (capped exponential, jitter), and asks the server something small before it takes
 work again, so a dead or unreachable server holds no batches. Statuses no retry can fix
-(`FATAL_CODES`) fail the whole pass at once.
+(`FATAL_CODES`) fail the whole pass at once, unless the server marked its refusal as
+one that waiting fixes (full or draining: `augsvc.client.errors.retry_hint`), which is
+retried like any other failure and counted in `loader.stats().retries`.
 
 Nothing waits on a stream: the `Fetcher`'s supervisor may `abandon` one whose call
 ended without its iterator returning (a grpcio bug, scripts/grpc_stuck_call.py) or
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from augsvc import wire
-from augsvc.client.errors import FATAL_CODES, AugsvcError, status
+from augsvc.client.errors import AugsvcError, fatal, retry_hint, status
 from augsvc.client.servers import BACKOFF_MAX_S, Server, backoff_delay
 from augsvc.wire._proto import augment_pb2 as pb
 
@@ -155,10 +157,12 @@ class Stream(threading.Thread):
             code, details = status(err)
             if f.stop_event.is_set():
                 f.schedule.requeue(self, unfinished)
-            elif code in FATAL_CODES:
+            elif fatal(err):
                 f.schedule.fail(AugsvcError.from_rpc(err, address, "StreamBatches"))
             else:
-                self._failed(unfinished, f"{code.name if code else 'UNKNOWN'}: {details}")
+                hint = retry_hint(err)
+                self._failed(unfinished, f"{code.name if code else 'UNKNOWN'}"
+                             f"{f' (server {hint})' if hint else ''}: {details}")
         except wire.WireError as err:
             if not self.abandoned:
                 self._failed(unfinished, f"broken stream: {err}")

@@ -3,7 +3,9 @@
 `Augmenter.run(seed, epoch, sample_ids, draw_ids)` reads the files (thread pool),
 draws the batch's parameters (`augsvc.core.draws`), runs the pipeline and returns an
 `AugmentedBatch`. The server and the in-process benchmark both use it, so what a
-trainer receives over the wire is exactly what this returns.
+trainer receives over the wire is exactly what this returns. `start` and `finish` are
+the two halves of `run`: several batches may be started before the first is finished
+(finished in the order started), so files are read and results encoded while DALI runs.
 
 Corrupt-image policy (`AugmentSpec.corrupt`; see `augsvc.engine.dataset`): a sample
 is unusable when its file cannot be read or the dataset's file rules refuse it
@@ -26,9 +28,10 @@ artefacts, as every JPEG decoder would.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,7 +43,7 @@ from augsvc.core.types import DroppedSample, Substitution
 from augsvc.engine.dataset import DatasetIndex, FileRefused, check_encoded
 from augsvc.engine.pipeline import AugmentPipeline, PipelineError
 
-__all__ = ["AugmentedBatch", "Augmenter", "DroppedSample", "Substitution"]
+__all__ = ["AugmentedBatch", "Augmenter", "DroppedSample", "StartedBatch", "Substitution"]
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()  # files whose trouble was logged at WARNING in this process
@@ -71,6 +74,17 @@ class _Slot:
     decoded: bool = False  # known to decode (checked alone after a batch failed)
 
 
+@dataclass(eq=False)
+class StartedBatch:
+    """A batch `Augmenter.start` read and handed to DALI; `Augmenter.finish` completes it."""
+
+    seed: int
+    epoch: int
+    slots: list[_Slot]  # every row of the batch
+    params: BatchParams | None  # of the rows holding a sample; None: nothing to augment
+    result: np.ndarray | PipelineError | None = field(default=None, repr=False)
+
+
 class Augmenter:
     """Runs batches of one dataset through one pipeline (one spec, one device)."""
 
@@ -97,6 +111,7 @@ class Augmenter:
             std=stats.std,
         )
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="augsvc-read")
+        self._in_flight: deque[StartedBatch] = deque()  # submitted, result not collected
 
     def close(self) -> None:
         """Stop the file-reading threads."""
@@ -122,6 +137,13 @@ class Augmenter:
     ) -> AugmentedBatch:
         """Read, augment and return these samples (corrupt ones substituted or dropped, and
         reported, as `spec.corrupt` says)."""
+        return self.finish(self.start(seed, epoch, sample_ids, draw_ids))
+
+    def start(
+        self, seed: int, epoch: int, sample_ids: Sequence[int], draw_ids: Sequence[int]
+    ) -> StartedBatch:
+        """Read these samples (finding stand-ins for unreadable ones) and submit them to the
+        pipeline; `finish` returns the result."""
         ids = np.asarray(sample_ids, dtype=np.int64).tolist()
         draws = np.asarray(draw_ids, dtype=np.int64).tolist()
         slots = []
@@ -130,8 +152,17 @@ class Augmenter:
             if reason is not None:
                 self._reject(seed, epoch, slot, reason)
             slots.append(slot)
-        images = self._augment(seed, epoch, slots)
-        return self._result(slots, images)
+        live = _live(slots)
+        params = self._params_of(seed, epoch, live) if live else None
+        started = StartedBatch(seed, epoch, slots, params)
+        if params is not None:
+            self.pipeline.submit([s.data for s in live], params)
+            self._in_flight.append(started)
+        return started
+
+    def finish(self, started: StartedBatch) -> AugmentedBatch:
+        """The augmented batch `start` began (batches finish in the order they started)."""
+        return self._result(started.slots, self._images(started))
 
     def _read(self, i: int) -> tuple[np.ndarray, str | None]:
         """The file's bytes as a uint8 array, or a reason why they cannot be used."""
@@ -140,6 +171,11 @@ class Augmenter:
         except FileRefused as exc:
             return np.empty(0, np.uint8), str(exc)
         return np.frombuffer(raw, dtype=np.uint8), check_encoded(raw)
+
+    def _params_of(self, seed: int, epoch: int, live: list[_Slot]) -> BatchParams:
+        """The parameters of the samples these rows hold now."""
+        return self.params(seed, epoch, np.array([s.sample_id for s in live], dtype=np.int64),
+                           np.array([s.draw_id for s in live], dtype=np.int64))
 
     def _reject(self, seed: int, epoch: int, slot: _Slot, reason: str) -> None:
         """The slot's current sample is unusable: move to the next usable substitute, or
@@ -156,21 +192,38 @@ class Augmenter:
                 slot.sample_id, slot.draw_id, slot.data = sample_id, draw_id, data
                 return
 
-    def _augment(self, seed: int, epoch: int, slots: list[_Slot]) -> np.ndarray:
-        """Run the pipeline; while DALI rejects the batch, find the samples it cannot decode
-        (one by one) and reject them."""
-        while True:
-            live = [s for s in slots if s.data is not None]
-            if not live:
-                return self._empty()
-            params = self.params(seed, epoch, [s.sample_id for s in live],
-                                 [s.draw_id for s in live])
+    def _collect_until(self, started: StartedBatch | None) -> None:
+        """Collect the pipeline's results in order up to `started` (None: all in flight)."""
+        while self._in_flight and (started is None or started.result is None):
+            head = self._in_flight.popleft()
             try:
-                return self.pipeline.run([s.data for s in live], params)
-            except PipelineError:
-                log.info("batch failed in DALI; retrying its %d samples one by one", len(live))
+                head.result = self.pipeline.collect()
+            except PipelineError as exc:
+                head.result = exc
+
+    def _images(self, started: StartedBatch) -> np.ndarray:
+        """The batch's images; if DALI rejected it, `_recover` them."""
+        if started.params is None:
+            return self._empty()
+        if started.result is None and started not in self._in_flight:
+            raise RuntimeError("finish() of a batch that was finished already")
+        self._collect_until(started)
+        result, started.result = started.result, None
+        if not isinstance(result, PipelineError):
+            return result
+        log.info("batch failed in DALI; retrying its %d samples one by one",
+                 len(_live(started.slots)))
+        self._collect_until(None)  # the retries run alone: nothing else in flight
+        return self._recover(started)
+
+    def _recover(self, started: StartedBatch) -> np.ndarray:
+        """DALI rejected the batch: run its samples one by one, reject those it cannot
+        decode (their rows move to substitutes, which are checked the same way) and run
+        the rest, until the batch runs."""
+        seed, epoch, slots, params = started.seed, started.epoch, started.slots, started.params
+        while True:
             failed = False
-            for j, slot in enumerate(live):
+            for j, slot in enumerate(_live(slots)):
                 if slot.decoded:
                     continue
                 try:
@@ -179,8 +232,16 @@ class Augmenter:
                 except PipelineError as exc:
                     failed = True
                     self._reject(seed, epoch, slot, f"decode failed: {_first_line(exc)}")
-            if not failed:  # every sample decodes alone: not something a sample did
+            live = _live(slots)
+            if not live:
+                return self._empty()
+            params = self._params_of(seed, epoch, live)
+            try:
                 return self.pipeline.run([s.data for s in live], params)
+            except PipelineError:
+                if not failed:  # every sample decodes alone: not something a sample did
+                    raise
+                log.info("batch failed in DALI again; retrying its %d samples", len(live))
 
     def _result(self, slots: list[_Slot], images: np.ndarray) -> AugmentedBatch:
         """The batch of the rows that hold a sample, and what was dropped or substituted."""
@@ -218,6 +279,11 @@ class Augmenter:
         h, w = self.spec.size
         shape = (0, 3, h, w) if self.spec.layout == "NCHW" else (0, h, w, 3)
         return np.empty(shape, dtype=self.spec.dtype)
+
+
+def _live(slots: list[_Slot]) -> list[_Slot]:
+    """The rows that hold a sample."""
+    return [s for s in slots if s.data is not None]
 
 
 def _once(path: str) -> int:

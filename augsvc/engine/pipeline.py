@@ -8,6 +8,15 @@ window; the filter clamps at the window's edges) -> the exact colour kernel
 normalisation, layout and dtype. Flipping after the colour kernel equals DESIGN's
 crop -> flip -> colour order, since colour is per pixel.
 
+On the GPU the graph ends with a copy to host memory inside the iteration (`.cpu()`),
+so the device-to-host copy of batch k overlaps the GPU work of batch k+1.
+
+Batches run asynchronously: `submit` feeds one and schedules it, `collect` returns the
+oldest submitted one, so the caller can prepare and encode batches while DALI runs the
+next (DALI's dynamic executor; an error stays with its own iteration). The array
+`collect` returns is a view of DALI's output memory (no copy), which stays valid for as
+long as the array is referenced.
+
 Every random value comes from `augsvc.core.draws` as one array per parameter per batch,
 fed through `fn.external_source`; DALI's own random operators are never used.
 """
@@ -37,9 +46,9 @@ class PipelineError(RuntimeError):
 class AugmentPipeline:
     """One DALI pipeline for a fixed spec, device and normalisation statistics.
 
-    `run()` takes up to `max_batch_size` encoded images (1-D uint8 arrays) and the
-    batch's `BatchParams`, and returns a new C-contiguous array of shape
-    (B, H, W, 3) or (B, 3, H, W) in the spec's dtype.
+    `run()` (or `submit()` then `collect()`) takes up to `max_batch_size` encoded images
+    (1-D uint8 arrays) and the batch's `BatchParams`, and returns a C-contiguous array of
+    shape (B, H, W, 3) or (B, 3, H, W) in the spec's dtype, a view of DALI's output.
     """
 
     def __init__(
@@ -62,6 +71,7 @@ class AugmentPipeline:
         self.max_batch_size = max_batch_size
         if device == "gpu" and device_id is None:
             device_id = 0
+        self.in_flight = 0  # batches submitted and not collected yet
         self._pipe = self._build(
             num_threads or min(8, os.cpu_count() or 1),
             device_id if device == "gpu" else None,
@@ -119,7 +129,7 @@ class AugmentPipeline:
                     mean=list(mean * 255.0) if norm else [0.0],
                     std=list(std * 255.0) if norm else [1.0],
                 )
-            return images
+            return images.cpu() if device == "gpu" else images
 
         pipe = graph()
         try:
@@ -128,8 +138,8 @@ class AugmentPipeline:
             raise PipelineError(f"building the DALI pipeline failed: {exc}") from exc
         return pipe
 
-    def run(self, encoded: Sequence[np.ndarray], params: BatchParams) -> np.ndarray:
-        """Augment one batch; `encoded[i]` gets the parameters `params[i]`."""
+    def submit(self, encoded: Sequence[np.ndarray], params: BatchParams) -> None:
+        """Feed one batch and schedule it; `encoded[i]` gets the parameters `params[i]`."""
         n = len(encoded)
         if n != len(params):
             raise ValueError(f"{n} images but {len(params)} parameter sets")
@@ -143,13 +153,28 @@ class AugmentPipeline:
         pipe.feed_input("flip_v", params.flip_v.astype(np.int32))
         if self.spec.colour:
             pipe.feed_input("color", params.color_matrix())
+        pipe.schedule_run()
+        self.in_flight += 1
+
+    def collect(self) -> np.ndarray:
+        """The oldest submitted batch, waiting for it; PipelineError if DALI failed on it."""
+        if not self.in_flight:
+            raise RuntimeError("collect() without a submitted batch")
+        self.in_flight -= 1
         try:
-            (out,) = pipe.run()
+            (out,) = self._pipe.outputs()
         except RuntimeError as exc:
             raise PipelineError(f"DALI failed on this batch: {exc}") from exc
-        if self.device == "gpu":
-            out = out.as_cpu()
-        return np.array(out.as_tensor(), copy=True, order="C")
+        # a view (no copy) that keeps DALI's buffer alive; ascontiguousarray copies only if
+        # DALI ever hands back a non-contiguous batch
+        return np.ascontiguousarray(np.asarray(out.as_tensor()))
+
+    def run(self, encoded: Sequence[np.ndarray], params: BatchParams) -> np.ndarray:
+        """Augment one batch now (nothing else may be in flight)."""
+        if self.in_flight:
+            raise RuntimeError(f"run() with {self.in_flight} batch(es) in flight; collect them")
+        self.submit(encoded, params)
+        return self.collect()
 
 
 def _window_inputs(params: BatchParams) -> dict[str, np.ndarray]:

@@ -4,8 +4,9 @@ From the outside in: `serve(config)` (`augsvc.server.supervisor`) is what `augsv
 runs: the parent reserves the port (`SO_REUSEPORT`), indexes every dataset once
 (`augsvc.server.catalog`), forks the worker processes before any gRPC object exists and
 supervises them. Each worker runs an `AugmentServer` (`augsvc.server.app`): the
-`augsvc.v1.Augment` servicer (`servicer`, `producer`, `pipelines`, `batchcache`), health,
-reflection, TLS and the token check (`auth`). `ServerConfig` (`config`) holds every
+`augsvc.v1.Augment` servicer (`servicer`, `pipelines`, `scheduler`, `producer`,
+`batchcache`; limits in `admission`, `memory`, `watchdog`), health, reflection, TLS and
+the token check (`auth`). `ServerConfig` (`config`) holds every
 option. `start_server(config)` runs one server in-process, for tests and embedding.
 """
 

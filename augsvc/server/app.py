@@ -23,11 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from augsvc import wire
+from augsvc.server.admission import Admission, AdmissionInterceptor
 from augsvc.server.auth import TokenInterceptor
+from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
 from augsvc.server.decoding import DecodeInHandler
 from augsvc.server.logs import limit_grpc_logs
+from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.servicer import AugmentServicer
 
@@ -36,9 +39,12 @@ __all__ = ["AugmentServer", "start_server"]
 log = logging.getLogger("augsvc.server")
 
 # Threads beyond --max-streams for unary calls, health checks, reflection and the
-# immediate rejection of streams over the limit.
+# refusal of streams over the limit: admitted streams never take them.
 SPARE_THREADS = 16
 HEALTH_THREADS = 4  # for the health-only server of --health-port
+# Calls gRPC core holds until the Python server takes them. Past its default (1000), a
+# flood's surplus was cancelled (CANCELLED) instead of refused (RESOURCE_EXHAUSTED).
+MAX_PENDING_CALLS = 8192
 
 
 
@@ -76,17 +82,27 @@ class AugmentServer:
         self.catalog = (catalog if catalog is not None
                         else load_catalog(config.datasets, config.stats_files,
                                           allow_outside=config.allow_outside_root))
+        cache = BatchCache(config.batch_cache_mb << 20)
+        max_memory = config.resolved_max_memory()
+        self.metrics = ServerMetrics(self.catalog)
         self.pool = PipelinePool(
             device=config.resolved_device(),
             device_id=config.device_id,
             dali_threads=config.resolved_dali_threads(),
             io_threads=config.io_threads,
             max_idle=config.pipeline_cache,
+            max_memory=max_memory,
+            depth=config.prefetch,
+            cache=cache,
+            max_batch_size=config.max_batch_size,
+            metrics=self.metrics,
         )
-        self.servicer = AugmentServicer(self.catalog, self.pool, max_streams=config.max_streams,
-                                        max_batch_size=config.max_batch_size,
-                                        prefetch=config.prefetch,
-                                        cache_bytes=config.batch_cache_mb << 20)
+        self.admission = Admission(config.max_streams, self.metrics)
+        self.servicer = AugmentServicer(self.catalog, self.pool, self.admission,
+                                        max_batch_size=config.max_batch_size, cache=cache,
+                                        stall_timeout=config.stall_timeout,
+                                        metrics=self.metrics)
+        log.debug("memory for prefetched batches: %.0f MiB (--max-memory)", max_memory / 2**20)
         self._executors = [
             futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),
             futures.ThreadPoolExecutor(max_workers=config.max_streams + SPARE_THREADS,
@@ -95,11 +111,19 @@ class AugmentServer:
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=self._executors[0])
         reuse = ("grpc.so_reuseport", 1 if reuse_port else 0)
-        options = [*wire.server_options(), reuse, *config.connection_options()]
-        # first: every handler decodes its own requests (grpcio leaks on undecodable ones)
+        options = [*wire.server_options(), reuse, *config.connection_options(),
+                   ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                   ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS)]
+        # The first interceptor is the outermost: it sees every call first and wraps the
+        # handler every later one returns. DecodeInHandler first, so every handler decodes
+        # its own requests (grpcio leaks on undecodable ones); the token next, so calls
+        # without it never reach admission (which holds a slot for each call it lets
+        # through until its handler starts: an unauthenticated flood would fill
+        # --max-streams for PENDING_TTL); admission last, on authenticated calls alone.
         interceptors: list[grpc.ServerInterceptor] = [DecodeInHandler()]
         if config.token:
             interceptors.append(TokenInterceptor(config.token))
+        interceptors.append(AdmissionInterceptor(self.admission, wire.STREAM_BATCHES_METHOD))
         self._server = grpc.server(
             self._executors[1],
             options=options,
@@ -175,7 +199,6 @@ class AugmentServer:
             for server in self._servers:
                 server.stop(0).wait()
             self.servicer.join_streams(timeout=max(grace, 5.0))
-            self.pool.close()
             for executor in self._executors:
                 executor.shutdown(wait=False)
         finally:

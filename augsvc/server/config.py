@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from augsvc.server.memory import default_max_memory
+
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEVICES", "ServerConfig", "address"]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -44,6 +46,10 @@ class ServerConfig:
     # (a loader's call is a few batches; what is cut off is fetched again elsewhere).
     max_connection_age_grace: float = 60.0
     health_port: int | None = None  # plaintext grpc.health.v1 only, beside `port`; 0: any
+    stall_timeout: float = 60.0  # a stream whose client reads nothing this long is cancelled
+    max_memory: int | None = None  # bytes of prefetched batches per worker; None: from the host
+    gpus: tuple[int, ...] = ()  # one worker group per GPU (--workers each); (): device_id only
+    metrics_port: int | None = None  # Prometheus /metrics (augsvc serve only); 0: any
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
@@ -66,23 +72,38 @@ class ServerConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.health_port is not None:
-            if not 0 <= self.health_port <= 65535:
-                raise ValueError(f"health port must be in [0, 65535], got {self.health_port}")
-            if self.health_port == self.port != 0:
-                raise ValueError(f"the health port must differ from the port ({self.port})")
+        for name, value in (("health port", self.health_port),
+                            ("metrics port", self.metrics_port)):
+            if value is None:
+                continue
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")
+            if value == self.port != 0:
+                raise ValueError(f"the {name} must differ from the port ({self.port})")
+        if self.health_port == self.metrics_port and self.health_port:
+            raise ValueError(f"the health port and the metrics port must differ "
+                             f"({self.health_port})")
         for name in ("workers", "max_streams", "max_batch_size", "prefetch", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dali_threads is not None and self.dali_threads < 1:
             raise ValueError(f"dali_threads must be >= 1, got {self.dali_threads}")
-        if min(self.pipeline_cache, self.device_id, self.grace, self.batch_cache_mb) < 0:
-            raise ValueError("pipeline_cache, device_id, grace and batch_cache_mb must be >= 0")
+        if min(self.pipeline_cache, self.device_id, self.grace, self.batch_cache_mb,
+               self.stall_timeout) < 0:
+            raise ValueError("pipeline_cache, device_id, grace, batch_cache_mb and "
+                             "stall_timeout must be >= 0")
         for name in ("max_connection_age", "max_connection_age_grace"):
             value = getattr(self, name)
             if not 0 <= value <= MAX_AGE_S:  # also refuses NaN
                 raise ValueError(f"{name} must be in [0, {MAX_AGE_S}] seconds (gRPC keeps "
                                  f"it in 32-bit milliseconds), got {value}")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise ValueError(f"max_memory must be >= 1 byte, got {self.max_memory}")
+        if self.gpus:
+            if self.device == "cpu":
+                raise ValueError("--gpus needs --device gpu (or auto)")
+            if len(set(self.gpus)) != len(self.gpus) or min(self.gpus) < 0:
+                raise ValueError(f"gpus must be distinct indices >= 0, got {list(self.gpus)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -93,6 +114,17 @@ class ServerConfig:
                              "whitespace")
         return self
 
+    @property
+    def processes(self) -> int:
+        """Worker processes in all: `workers` per GPU group."""
+        return self.workers * max(1, len(self.gpus))
+
+    def resolved_max_memory(self) -> int:
+        """Bytes of prefetched batches each worker may hold (`augsvc.server.memory`)."""
+        if self.max_memory is not None:
+            return self.max_memory
+        return default_max_memory(self.processes)
+
     def connection_options(self) -> list[tuple[str, int]]:
         """gRPC server options for the maximum connection age (none when it is 0)."""
         if not self.max_connection_age:
@@ -102,9 +134,12 @@ class ServerConfig:
                  round(self.max_connection_age_grace * 1000))]
 
     def resolved_device(self) -> str:
-        """"cpu" or "gpu"; "auto" looks for an NVIDIA GPU without initialising CUDA."""
+        """"cpu" or "gpu"; "auto" looks for an NVIDIA GPU without initialising CUDA,
+        and means gpu when `gpus` are given."""
         if self.device != "auto":
             return self.device
+        if self.gpus:
+            return "gpu"
         try:
             return "gpu" if os.listdir("/proc/driver/nvidia/gpus") else "cpu"
         except OSError:
@@ -114,7 +149,7 @@ class ServerConfig:
         """DALI threads per pipeline."""
         if self.dali_threads is not None:
             return self.dali_threads
-        return max(1, min(8, (os.cpu_count() or 1) // self.workers))
+        return max(1, min(8, (os.cpu_count() or 1) // self.processes))
 
 
 def address(host: str, port: int) -> str:

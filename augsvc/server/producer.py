@@ -1,23 +1,41 @@
-"""A stream's producer: runs a validated job's batches on a pooled pipeline into a bounded queue."""
+"""What a stream asks its worker's pipelines for: the validated `Job`, and `StreamWork`,
+the queue between the scheduler that makes the stream's batches and the handler that
+sends them.
+
+A stream has at most `depth` batches made ahead of the handler (being made, or done and
+waiting); each is charged to the worker's `MemoryBudget` from the moment it is started
+until the handler has handed its last frame to gRPC, and waits while the budget is full.
+One exception keeps clients that read from waiting for memory that clients that do not
+read have filled: a stream whose client has read a batch of it and everything sent
+since (its handler waits, nothing on the way) gets its next batch at once, past the
+limit if need be; that batch goes out as soon as it is made. Waiting for memory is not
+a stall (`augsvc.server.watchdog`): the streams holding memory unread are cancelled by
+--stall-timeout, and with it off a client that opens streams it does not read can make
+its own other streams wait for good.
+"""
 
 from __future__ import annotations
 
-import queue
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
-from augsvc import wire
+import numpy as np
+
 from augsvc.core.sampling import EpochPlan
 from augsvc.core.stats import DatasetStats
-from augsvc.engine.augmenter import AugmentedBatch
-from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import DatasetEntry
-from augsvc.server.pipelines import PipelinePool
+from augsvc.server.memory import Charge, MemoryBudget
 from augsvc.wire.convert import StreamRequest
 
-__all__ = ["Job", "Producer"]
+if TYPE_CHECKING:
+    from augsvc.server.scheduler import Scheduler
 
-_POLL = 0.2  # seconds between checks for a cancelled stream while waiting
+__all__ = ["Job", "Made", "StreamWork"]
+
+HEADER_BYTES_PER_SAMPLE = 64  # generous: a BatchHeader holds ~3 varints per sample
 
 
 @dataclass(frozen=True)
@@ -36,93 +54,119 @@ class Job:
         """Everything that determines batch k's frames."""
         return (self.request.batch_key(), self.chunk_bytes, k)
 
+    def batch_bytes(self) -> int:
+        """An upper bound of one batch's frames, in bytes."""
+        spec, n = self.request.spec, self.request.batch_size
+        h, w = spec.size
+        return n * (h * w * 3 * np.dtype(spec.dtype).itemsize + HEADER_BYTES_PER_SAMPLE) + 4096
 
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+
+class Made(NamedTuple):
+    """A batch made for a stream: its index, frames, memory charge, and when it was done
+    (`time.monotonic()`)."""
+
+    k: int
+    frames: tuple[bytes, ...]
+    charge: Charge
+    at: float
 
 
-class Producer:
-    """Runs a job's batches on a pooled pipeline into a bounded queue (one thread)."""
+class StreamWork:
+    """One stream's batches between the scheduler (`todo` -> `ready`) and its handler;
+    `client` names who asked (the peer: one connection), for the scheduler's fairness.
 
-    def __init__(self, pool: PipelinePool, job: Job, depth: int,
-                 threads: set[threading.Thread], cache: BatchCache,
-                 cached: list[tuple[bytes, ...] | None]) -> None:
-        self._pool, self._job, self._threads, self._cache = pool, job, threads, cache
-        self._cached = cached  # the job's batches already in the cache (None: to make)
-        self._queue: queue.Queue[tuple[int, tuple[bytes, ...]] | _Failure] = queue.Queue(depth)
-        self.cancelled = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="augsvc-producer", daemon=True)
+    Every method that changes state takes the worker's scheduling lock (`lock`, shared
+    with the schedulers and the budget); the scheduler-side ones (`_` prefixed, called by
+    `Scheduler`) expect the caller to hold it.
+    """
 
-    def start(self) -> None:
-        self._threads.add(self._thread)
-        self._thread.start()
+    def __init__(self, job: Job, todo: list[int], *, client: str, depth: int,
+                 lock: threading.Lock, budget: MemoryBudget) -> None:
+        self.job, self.client, self.depth, self.estimate = job, client, depth, job.batch_bytes()
+        self.todo = deque(todo)  # batches still to start, in the order they are sent
+        self.ready: deque[Made] = deque()
+        self.ahead = 0  # batches started or ready, not yet taken by the handler
+        # since when it may start one more batch (`ahead` < `depth`; for the queue time)
+        self.due_since: float | None = None
+        self._held: set[Charge] = set()  # of the ready batches and the one being sent
+        self.closed = False
+        self.waiting = False  # the handler waits for a batch, none is ready or being made
+        self.delivered = False  # the handler has sent at least one batch
+        self.failure: BaseException | None = None
+        self.scheduler: Scheduler | None = None
+        self._cond = threading.Condition(lock)
+        self._budget = budget
 
-    def cancel(self) -> None:
-        self.cancelled.set()
+    # --- the handler's side
 
-    def get(self) -> tuple[int, tuple[bytes, ...]] | None:
-        """The next batch's wire frames; None once cancelled; re-raises the producer's error."""
-        while not self.cancelled.is_set():
-            try:
-                item = self._queue.get(timeout=_POLL)
-            except queue.Empty:
-                continue
-            if isinstance(item, _Failure):
-                raise item.exc
+    def take(self) -> Made | None:
+        """The next batch, waiting for it; None once closed; re-raises the error that
+        stopped the pipeline."""
+        with self._cond:
+            while not self.ready:
+                if self.failure is not None:
+                    raise self.failure
+                if self.closed:
+                    return None
+                if not self.waiting:
+                    self.waiting = True
+                    self._wake_schedulers()
+                self._cond.wait()
+            self.waiting = False
+            item = self.ready.popleft()
+            if self.ahead == self.depth:
+                self.due_since = time.monotonic()
+            self.ahead -= 1
+            self._wake_schedulers()
             return item
-        return None
 
-    def _put(self, item: tuple[int, tuple[bytes, ...]] | _Failure) -> bool:
-        while not self.cancelled.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def sent(self, charge: Charge | None) -> None:
+        """The handler has handed a batch to gRPC (a taken one: its memory leaves the
+        budget; None: one from the batch cache)."""
+        with self._cond:
+            self.delivered = True
+            if charge is not None and charge in self._held:
+                self._held.discard(charge)
+                self._budget.release(charge)
+                self._wake_schedulers()
 
-    def _run(self) -> None:
-        job, request, cached = self._job, self._job.request, self._cached
-        try:
-            try:
-                key, augmenter = self._pool.acquire(job.entry, request.spec, job.stats,
-                                                    request.batch_size)
-            except Exception as exc:
-                self._put(_Failure(exc))
+    def close(self) -> None:
+        """The stream ended (done, failed or cancelled): give its memory back, stop its work.
+        Idempotent; safe from any thread (gRPC's termination callback)."""
+        with self._cond:
+            if self.closed:
                 return
-            reusable = True
-            try:
-                for k, frames in zip(job.batches, cached, strict=True):
-                    if self.cancelled.is_set():
-                        return
-                    if frames is None:
-                        result = augmenter.run_batch(request.seed, request.epoch,
-                                                     job.plan.batch(k, request.rank))
-                        frames = _encode(job, k, result)
-                        self._cache.put(job.cache_key(k), frames)
-                    if not self._put((k, frames)):
-                        return
-            except Exception as exc:
-                reusable = False  # a pipeline that failed unexpectedly is not trusted again
-                self._put(_Failure(exc))
-            finally:
-                if reusable:
-                    self._pool.release(key, augmenter)
-                else:
-                    augmenter.close()
-        finally:
-            self._threads.discard(self._thread)
+            self.closed = True
+            for charge in self._held:
+                self._budget.release(charge)
+            self._held.clear()
+            self.ready.clear()
+            self.todo.clear()
+            if self.scheduler is not None:
+                self.scheduler.detach(self)
+            self._wake_schedulers()
+            self._cond.notify_all()
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+    def _wake_schedulers(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.pool_wake()
 
+    # --- the scheduler's side (lock held)
 
-def _encode(job: Job, k: int, result: AugmentedBatch) -> tuple[bytes, ...]:
-    """Batch k's wire frames (one copy of the pixels, made on the producer thread)."""
-    return tuple(wire.encode_batch(
-        result.images, batch_index=k, layout=job.request.spec.layout, labels=result.labels,
-        sample_ids=result.sample_ids, draw_ids=result.draw_ids, dropped=result.dropped,
-        substituted=result.substituted, stats_source=job.stats_source,
-        chunk_bytes=job.chunk_bytes,
-    ))
+    def _urgent(self) -> bool:
+        """Its client has read everything so far and waits for the next batch."""
+        return self.waiting and self.delivered and not self.ahead
+
+    def _deliver(self, k: int, frames: tuple[bytes, ...], charge: Charge) -> None:
+        """A started batch is done: into `ready`, its charge corrected to its size."""
+        if self.closed:
+            self._budget.release(charge)
+            return
+        self._budget.resize(charge, sum(len(f) for f in frames))
+        self._held.add(charge)
+        self.ready.append(Made(k, frames, charge, time.monotonic()))
+        self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failure = exc
+        self._cond.notify_all()

@@ -1,18 +1,20 @@
 """The `augsvc.v1.Augment` servicer: ListDatasets, GetDataset and StreamBatches over a catalog.
 
-A StreamBatches call is validated completely before any work starts; every failure is
-a gRPC status whose message says what to fix. Then a producer thread
-(`augsvc.server.producer`) runs the batches through a pooled `Augmenter` into a queue
-of `prefetch` finished batches while the handler thread sends the current one; the
-queue bound and gRPC flow control (the handler blocks while the client is slow) bound
-the memory a stream holds.
+A StreamBatches call takes a slot (`augsvc.server.admission`; the interceptor refused
+it already if there was none) and is validated completely before any work starts; every
+failure is a gRPC status whose message says what to fix. Its batches not in the batch
+cache go to the shared pipeline of its spec (`augsvc.server.pipelines`), whose scheduler
+makes them, a few ahead, into the stream's queue (`augsvc.server.producer.StreamWork`)
+while the handler thread sends them. The per-stream depth (`--prefetch`), the worker's
+memory budget (`--max-memory`), gRPC flow control and the stall timeout
+(`augsvc.server.watchdog`) bound the memory a stream holds.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -22,12 +24,15 @@ from augsvc.core.sampling import EpochOrder, EpochPlan, Sharding, epoch_length
 from augsvc.core.spec import SpecError
 from augsvc.core.stats import DatasetStats
 from augsvc.core.text import clip
+from augsvc.server.admission import Admission, Refused
 from augsvc.server.batchcache import BatchCache
 from augsvc.server.catalog import Catalog, DatasetEntry
 from augsvc.server.logs import request_log
+from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.plans import OrderCache, plan_budget
-from augsvc.server.producer import Job, Producer
+from augsvc.server.producer import Job
+from augsvc.server.watchdog import Watchdog
 from augsvc.wire._proto import augment_pb2 as pb
 from augsvc.wire._proto import augment_pb2_grpc as pb_grpc
 from augsvc.wire.convert import (
@@ -42,7 +47,6 @@ __all__ = ["AugmentServicer"]
 
 _MIB = 1 << 20
 MAX_DETAILS = 2000  # characters of an exception message sent back in an INTERNAL status
-_POLL = 0.2  # seconds between checks for a cancelled stream while waiting
 
 
 class _Abort(Exception):
@@ -57,19 +61,21 @@ class AugmentServicer(pb_grpc.AugmentServicer):
     """ListDatasets, GetDataset and StreamBatches over a catalog (register with
     `augsvc.wire.add_augment_servicer`: StreamBatches yields pre-encoded frames)."""
 
-    def __init__(self, catalog: Catalog, pool: PipelinePool, *, max_streams: int,
-                 max_batch_size: int, prefetch: int, cache_bytes: int = 0) -> None:
-        self.catalog, self.pool = catalog, pool
-        self.cache = BatchCache(cache_bytes)
+    def __init__(self, catalog: Catalog, pool: PipelinePool, admission: Admission, *,
+                 max_batch_size: int, cache: BatchCache, stall_timeout: float,
+                 metrics: ServerMetrics) -> None:
+        self.catalog, self.pool, self.admission, self.cache = catalog, pool, admission, cache
+        self.metrics = metrics
         self.orders = OrderCache(plan_budget(len(e.index) for e in catalog.values()))
-        self.max_streams, self.max_batch_size, self.prefetch = (
-            max_streams, max_batch_size, prefetch)
-        pool.max_batch_size = max_batch_size
-        self._cond = threading.Condition()
-        self._active = 0
-        self._refusing = False
+        self.max_batch_size = max_batch_size
+        self.watchdog = Watchdog(stall_timeout, idle=lambda: admission.active == 0,
+                                 refused=lambda: admission.refused)
+        self.watchdog.start()
         self._force = threading.Event()
-        self._producers: set[threading.Thread] = set()
+
+    @property
+    def _refusing(self) -> bool:
+        return self.admission.refusing
 
     # --- unary calls
 
@@ -124,50 +130,67 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                       context: grpc.ServicerContext) -> Iterator[bytes]:
         started = time.monotonic()
         try:
-            job = self._validate(request)
-            release = self._take_slot()
-        except _Abort as abort:
-            request_log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
-                             abort.details[:MAX_DETAILS], extra={
-                                 "limit_key": abort.code.name, "peer": context.peer(),
-                                 "code": abort.code.name})
-            context.abort(abort.code, abort.details[:MAX_DETAILS])
+            release = self.admission.enter()
+        except Refused as refusal:  # counted, and logged as a count (augsvc.server.watchdog)
+            request_log.debug("refused stream from %s: %s", context.peer(), refusal.details)
+            refusal.abort(context)
         # The slot is freed when the call ends, not when this generator returns: the
         # last batches may still be buffered for a slow client, and a draining server
         # must wait for them to be delivered.
         if not context.add_callback(release):
             release()
+        try:
+            job = self._validate(request)
+        except _Abort as abort:
+            request_log.info("refused stream from %s: %s: %s", context.peer(), abort.code.name,
+                             abort.details[:MAX_DETAILS], extra={
+                                 "limit_key": abort.code.name, "peer": context.peer(),
+                                 "code": abort.code.name})
+            self.metrics.validation_refusal(abort.code)
+            context.abort(abort.code, abort.details[:MAX_DETAILS])
         req, peer = job.request, context.peer()
+        watched = self.watchdog.watch(context)
         progress = {"sent": 0, "failed": False}
 
         def finished() -> None:
+            self.watchdog.unwatch(watched)
             sent, total = progress["sent"], len(job.batches)
-            outcome = ("failed" if progress["failed"] else "cancelled" if sent < total
-                       else "done")
+            outcome = ("failed" if progress["failed"] else "stalled" if watched.stalled
+                       else "cancelled" if sent < total else "done")
             request_log.debug("stream from %s %s: %s, %d of %d batch(es) of %d in %.2f s",
                               peer, outcome, req.dataset, sent, total, req.batch_size,
                               time.monotonic() - started, extra={
                                   "peer": peer, "outcome": outcome, "dataset": req.dataset,
                                   "batches": sent, "batch_size": req.batch_size})
+            self.metrics.stream_ended(outcome, total=total, sent=sent,
+                                      failed=progress["failed"])
 
-        context.add_callback(finished)
+        if not context.add_callback(finished):
+            finished()
         cached = [self.cache.get(job.cache_key(k)) for k in job.batches]
-        if all(frames is not None for frames in cached):  # no pipeline, no producer thread
-            for frames in cached:
-                yield from frames
-                progress["sent"] += 1
-            return
-        producer = Producer(self.pool, job, self.prefetch, self._producers, self.cache,
-                             cached)
-        context.add_callback(producer.cancel)
+        todo = [k for k, frames in zip(job.batches, cached, strict=True) if frames is None]
+        work = None  # stays None when every batch is cached: no pipeline needed
         try:
-            producer.start()
-            for _ in job.batches:
-                item = producer.get()
-                if item is None:  # the call was cancelled or the server stopped
-                    return
-                yield from item[1]
+            if todo:
+                work = self.pool.attach(job, todo, peer)
+                if not context.add_callback(work.close):
+                    work.close()
+            for frames in cached:
+                charge, since = None, time.monotonic()
+                if frames is None:
+                    made = work.take()
+                    if made is None:  # the call was cancelled or the server stopped
+                        return
+                    frames, charge, since = made.frames, made.charge, made.at
+                for frame in frames:
+                    watched.blocked_since = time.monotonic()
+                    yield frame
+                    watched.blocked_since = None
+                if work is not None:
+                    work.sent(charge)
                 progress["sent"] += 1
+                self.metrics.stage("send", time.monotonic() - since)
+                self.metrics.batch_sent(req.dataset, frames)
         except Exception as exc:
             progress["failed"] = True
             request_log.exception("stream from %s failed at batch %d of %d (dataset %s)", peer,
@@ -175,7 +198,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             details = job.entry.scrub(f"{type(exc).__name__}: {exc}")
             context.abort(grpc.StatusCode.INTERNAL, details[:MAX_DETAILS])
         finally:
-            producer.cancel()
+            if work is not None:
+                work.close()
 
     def _validate(self, request: pb.StreamBatchesRequest) -> Job:
         """The call's job, or _Abort with the status that tells the client what to fix."""
@@ -216,7 +240,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
 
         The sharding is checked before anything is built; the order costs O(dataset)
         memory (shuffling 1.28M samples takes ~0.2 s, once per epoch); a batch of the
-        plan is computed when the producer asks for it.
+        plan is computed when the scheduler starts it.
         """
         index = entry.index
         counts = np.bincount(index.labels) if req.balance else None
@@ -234,38 +258,15 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                                      req.shuffle))
         return EpochPlan.from_order(order, sharding, req.rank)
 
-    def _take_slot(self) -> Callable[[], None]:
-        """Count the stream against --max-streams; a once-only release function."""
-        with self._cond:
-            if self._refusing:
-                raise _Abort(grpc.StatusCode.UNAVAILABLE,
-                             "the server is shutting down; retry on another server")
-            if self._active >= self.max_streams:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"too many concurrent streams: this server process runs at most "
-                             f"{self.max_streams}; retry later, use another server, or raise "
-                             f"its --max-streams")
-            self._active += 1
-        released = threading.Lock()
-
-        def release() -> None:
-            if released.acquire(blocking=False):
-                with self._cond:
-                    self._active -= 1
-                    self._cond.notify_all()
-
-        return release
-
     # --- shutdown
 
     @property
     def active_streams(self) -> int:
-        return self._active
+        return self.admission.active
 
     def refuse_new_streams(self) -> None:
         """New StreamBatches calls fail with UNAVAILABLE from now on."""
-        with self._cond:
-            self._refusing = True
+        self.admission.refuse_new()
 
     def force_drain(self) -> None:
         """Make a running `drain` return now."""
@@ -273,17 +274,10 @@ class AugmentServicer(pb_grpc.AugmentServicer):
 
     def drain(self, timeout: float) -> int:
         """Wait up to `timeout` s for running streams to end; how many are still running."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._active and not self._force.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, _POLL))
-            return self._active
+        return self.admission.wait_idle(timeout, self._force)
 
     def join_streams(self, timeout: float) -> None:
-        """Wait for the producer threads of ended streams to let go of their pipelines."""
-        deadline = time.monotonic() + timeout
-        for thread in list(self._producers):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        """Stop the pipelines and wait for their threads (after the calls were cancelled)."""
+        self.watchdog.stop()
+        self.pool.close()
+        self.pool.join(timeout)

@@ -8,7 +8,8 @@ Parent (`Supervisor.run`):
 2. index the datasets once (`load_catalog`; the children inherit the index);
 3. block SIGINT/SIGTERM (they are then consumed synchronously with `sigtimedwait`, no
    asynchronous handler) and fork the workers before any gRPC object exists;
-4. print the serving line once every worker listens;
+4. print the serving line once every worker listens (with `--metrics-port`, the
+   metrics process is forked first: `augsvc.server.exporter`);
 5. supervise: a worker that crashes is replaced (a crash loop stops the server); the
    first SIGINT/SIGTERM is forwarded to every worker as SIGTERM (graceful: health
    NOT_SERVING, new streams refused, running streams drain for `grace` s), a second
@@ -17,7 +18,9 @@ Parent (`Supervisor.run`):
 
 Worker: ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 parent is in charge), gets SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`),
-runs an `AugmentServer` on the shared port(s) with its own DALI pipelines.
+is pinned to its GPU with `--gpus` (`augsvc.server.gpus`), runs an `AugmentServer` on
+the shared port(s) with its own DALI pipelines. DALI is imported, and CUDA touched, only
+in workers: the parent never loads them (CUDA does not survive a fork).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import multiprocessing
 import os
@@ -33,13 +37,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 
 from augsvc.server.app import AugmentServer
 from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
+from augsvc.server.exporter import MetricsExporter
+from augsvc.server.gpus import pin_to_gpu, served_gpus, worker_gpu
+from augsvc.server.metrics import SupervisorMetrics
 
 __all__ = ["Supervisor", "reserve_port", "serve"]
 
@@ -100,11 +107,14 @@ class Supervisor:
     """The parent process of `serve` (module docstring)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        self.config = config
+        # one memory budget for every worker, measured before any of them allocates
+        self.config = replace(config, max_memory=config.resolved_max_memory())
         self.device = config.resolved_device()
         self._ctx = multiprocessing.get_context("fork")
         self._workers: list[_Worker] = []
         self._crashes: list[float] = []
+        self._exporter: MetricsExporter | None = None
+        self._metrics = SupervisorMetrics()
 
     def run(self) -> int:
         config = self.config
@@ -115,6 +125,11 @@ class Supervisor:
                 health_sock, health_port = stack.enter_context(
                     reserve_port(config.host, config.health_port))
                 sockets += (health_sock,)
+            if config.metrics_port is not None:
+                gpus = served_gpus(config.gpus, config.device_id) if self.device == "gpu" else []
+                self._exporter = MetricsExporter(config.host, config.metrics_port, gpus)
+                stack.callback(self._exporter.close)
+                self._metrics = SupervisorMetrics()  # in the multiprocess directory now
             catalog = load_catalog(config.datasets, config.stats_files,
                                    allow_outside=config.allow_outside_root)
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -128,7 +143,10 @@ class Supervisor:
 
     def _supervise(self, catalog: Catalog, ports: _Ports) -> int:
         config = self.config
-        for slot in range(config.workers):
+        exporter = self._exporter
+        if exporter is not None:  # first: it serves while the workers start and stop
+            exporter.start(self._ctx, self._prepare_child(ports.sockets))
+        for slot in range(config.processes):
             self._spawn(slot, catalog, ports)
         serving = False
         stopping = 0  # signals received
@@ -141,7 +159,13 @@ class Supervisor:
                 deadline = time.monotonic() + config.grace + STOP_MARGIN
             objects = [w.conn for w in self._workers if w.conn is not None]
             objects += [w.process.sentinel for w in self._workers]
+            metrics = None if exporter is None or exporter.process is None else (
+                exporter.process.sentinel)
+            if metrics is not None:
+                objects.append(metrics)
             ready = set(wait(objects, timeout=_POLL))
+            if metrics in ready:
+                exporter.exited(self._ctx, self._prepare_child(ports.sockets))
             for w in list(self._workers):
                 if w.conn is not None and w.conn in ready:
                     self._read_message(w)
@@ -151,6 +175,9 @@ class Supervisor:
                         w.conn.close()
                     w.process.join()
                     self._workers.remove(w)
+                    self._metrics.workers.set(len(self._workers))
+                    if exporter is not None:
+                        exporter.process_dead(w.process.pid)
                     code = w.process.exitcode
                     if stopping:
                         clean &= code == 0
@@ -166,10 +193,12 @@ class Supervisor:
                         return self._abort()
             if not serving and self._workers and all(w.ready for w in self._workers):
                 serving = True
-                health = "" if ports.health_port is None else f", health_port={ports.health_port}"
+                extra = "" if ports.health_port is None else f", health_port={ports.health_port}"
+                if exporter is not None:
+                    extra += f", metrics_port={exporter.port}"
                 print(f"augsvc: serving {len(catalog)} dataset(s) on "
                       f"{address(config.host, ports.port)} (device={self.device}, "
-                      f"workers={config.workers}{health})", flush=True)
+                      f"workers={config.processes}{extra})", flush=True)
             if (stopping or not serving) and time.monotonic() > deadline:
                 what = "stop" if stopping else "start"
                 log.error("workers did not %s in time; killing them", what)
@@ -222,6 +251,7 @@ class Supervisor:
             return False
         log.error("worker %d (pid %d) exited with %s; starting a new one", w.slot,
                   w.process.pid, _describe(code))
+        self._metrics.restarts.inc()
         self._spawn(w.slot, catalog, ports)
         return True
 
@@ -235,17 +265,24 @@ class Supervisor:
 
     # --- processes
 
+    def _prepare_child(self, sockets: tuple[socket.socket, ...]) -> Callable[[], None]:
+        """What a forked child runs first: `_child_setup` with the parent's sockets."""
+        return functools.partial(_child_setup, os.getpid(), sockets)
+
     def _spawn(self, slot: int, catalog: Catalog, ports: _Ports) -> None:
         recv, send = self._ctx.Pipe(duplex=False)
+        sockets = ports.sockets if self._exporter is None else (
+            *ports.sockets, self._exporter.socket)
         process = self._ctx.Process(
             target=_worker_main, name=f"augsvc-worker-{slot}",
-            args=(self.config, catalog, ports, send, os.getpid()),
+            args=(self.config, slot, catalog, ports, send, self._prepare_child(sockets)),
         )
         sys.stdout.flush()
         sys.stderr.flush()
         process.start()  # SIGINT/SIGTERM are blocked here, and stay blocked in the child
         send.close()
         self._workers.append(_Worker(slot, process, recv))
+        self._metrics.workers.set(len(self._workers))
 
     def _signal_all(self, signum: int) -> None:
         for w in self._workers:
@@ -280,15 +317,27 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(config: ServerConfig, catalog: Catalog, ports: _Ports, conn: Connection,
-                 parent: int) -> None:
-    """A worker process: serve on the shared port(s) until SIGTERM, then drain and exit."""
-    for reservation in ports.sockets:
-        reservation.close()  # the parent holds the ports
+def _child_setup(parent: int, sockets: tuple[socket.socket, ...]) -> None:
+    """In a forked child: close the parent's sockets (it holds the ports), ignore SIGINT
+    (the parent is in charge), and die with the parent."""
+    for sock in sockets:
+        sock.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent)
+
+
+def _worker_main(config: ServerConfig, slot: int, catalog: Catalog, ports: _Ports,
+                 conn: Connection, prepare: Callable[[], None]) -> None:
+    """A worker process: serve on the shared port(s) until SIGTERM, then drain and exit."""
+    prepare()
     code = 0
     try:
+        gpu = worker_gpu(slot, config.workers, config.gpus)
+        if gpu is not None:  # before DALI or CUDA start
+            visible = pin_to_gpu(gpu)
+            config = replace(config, device_id=0)
+            log.info("worker %d (pid %d) runs on GPU %d (CUDA_VISIBLE_DEVICES=%s)", slot,
+                     os.getpid(), gpu, visible)
         server = _start_worker_server(config, catalog, ports, conn)
         if server is None:
             code = 1
@@ -335,7 +384,8 @@ def serve(config: ServerConfig) -> int:
     """Run the server (parent + worker processes) until SIGINT/SIGTERM; the exit code.
 
     Prints `augsvc: serving <n> dataset(s) on <host>:<port> (device=<d>, workers=<w>)`
-    (`..., workers=<w>, health_port=<p>)` with a health-only port) to stdout once every
+    (`..., workers=<w>, health_port=<p>, metrics_port=<q>)` with a health-only port and
+    a metrics port, each part only with its option) to stdout once every
     worker listens. It forks: call it from the main thread of a
     process that has started no other threads, no gRPC server and no CUDA context.
     The parent never imports DALI or touches CUDA: CUDA does not survive a fork.

@@ -23,6 +23,7 @@ from augsvc.wire.frames import (
     resolve_chunk_bytes,
 )
 from augsvc.wire.rpc import (
+    RETRY_KEY,
     SERVICE_NAME,
     STREAM_BATCHES_METHOD,
     AugmentStub,
@@ -37,6 +38,7 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
     "MIN_CHUNK_BYTES",
+    "RETRY_KEY",
     "SERVICE_NAME",
     "STREAM_BATCHES_METHOD",
     "Allocate",

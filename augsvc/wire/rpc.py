@@ -17,6 +17,7 @@ from augsvc.wire._proto import augment_pb2_grpc as pb_grpc
 from augsvc.wire.frames import MAX_MESSAGE_BYTES, decode_frame
 
 __all__ = [
+    "RETRY_KEY",
     "SERVICE_NAME",
     "STREAM_BATCHES_METHOD",
     "AugmentStub",
@@ -28,6 +29,11 @@ __all__ = [
 
 SERVICE_NAME = "augsvc.v1.Augment"
 STREAM_BATCHES_METHOD = f"/{SERVICE_NAME}/StreamBatches"
+# Trailing metadata a server sets on a refusal that waiting fixes, whatever its status:
+# "busy" (over --max-streams: RESOURCE_EXHAUSTED) or "draining" (shutting down:
+# UNAVAILABLE). A client retries such a call later or on another server; a refusal
+# without it (an oversized batch, a bad spec, an unknown dataset) is the request's own.
+RETRY_KEY = "augsvc-retry"
 
 _channel_ids = itertools.count(1)
 

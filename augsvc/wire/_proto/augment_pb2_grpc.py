@@ -74,7 +74,11 @@ class AugmentServicer:
         `header.num_chunks` `chunk` Frames (see Frame). Batches come in the order of
         `StreamBatchesRequest.batches`. An invalid request (unknown dataset, invalid
         spec, rank >= world_size, ...) fails with INVALID_ARGUMENT or NOT_FOUND and a
-        message naming the field.
+        message naming the field; a batch_size over the server's limit with
+        RESOURCE_EXHAUSTED. A refusal that waiting fixes carries trailing metadata
+        `augsvc-retry`: "busy" (RESOURCE_EXHAUSTED: the server runs its most streams)
+        or "draining" (UNAVAILABLE: it is shutting down); retry it later or on
+        another server. Without that key a refusal is the request's own fault.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
