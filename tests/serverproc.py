@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["SERVING_LINE", "ServerProcess", "child_pids", "running_server"]
+__all__ = ["SERVING_LINE", "ServerProcess", "child_pids", "connections_per_worker",
+           "running_server"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVING_LINE = re.compile(
@@ -80,6 +81,15 @@ def _tcp_ends() -> dict[str, tuple[int, int]]:
     return out
 
 
+def connections_per_worker(client: int, workers: Sequence[int], port: int) -> list[int]:
+    """How many established TCP connections from process `client` to `port` each of the
+    processes `workers` holds: the kernel's view, from /proc."""
+    ends = _tcp_ends()
+    mine = {ends[i][0] for i in _socket_inodes(client) if ends.get(i, (0, 0))[1] == port}
+    return [sum(1 for i in _socket_inodes(w) if i in ends and ends[i][0] == port
+                and ends[i][1] in mine) for w in workers]
+
+
 @dataclass
 class ServerProcess:
     """A running `augsvc serve` subprocess."""
@@ -102,12 +112,8 @@ class ServerProcess:
         return child_pids(self.proc.pid)
 
     def connections_from(self, client: int) -> list[int]:
-        """How many established TCP connections from process `client` to the server's port
-        each worker (`pids()`, in that order) holds: the kernel's view, from /proc."""
-        ends = _tcp_ends()
-        mine = {ends[i][0] for i in _socket_inodes(client) if ends.get(i, (0, 0))[1] == self.port}
-        return [sum(1 for i in _socket_inodes(w) if i in ends and ends[i][0] == self.port
-                    and ends[i][1] in mine) for w in self.pids()]
+        """`connections_per_worker` of process `client` over `pids()`, in that order."""
+        return connections_per_worker(client, self.pids(), self.port)
 
     def stderr(self) -> str:
         """Everything the server wrote to stderr so far."""

@@ -92,21 +92,24 @@ def test_streams_end_spread_over_two_workers(folder, reference, streams, caplog)
                 loader.close()
 
 
-def _in_process(folder: Path, worker: tuple[int, int] | None) -> AugmentServer:
+def _pass_on_one_worker(folder: Path, reference: list, worker: tuple[int, int] | None,
+                        streams: int):
+    """One pass through an in-process server (no worker processes) whose calls name
+    `worker` (None: no metadata); equal to the engine's epoch; the server's ServerStats."""
     config = ServerConfig(datasets={NAME: folder}, port=0, device="cpu", dali_threads=1,
                           io_threads=2)
-    return AugmentServer(config, worker=worker).start()
+    server = AugmentServer(config, worker=worker).start()
+    try:
+        with _loader(server.address, streams) as loader:
+            assert_epoch(list(loader), reference)
+            return loader.stats().servers[server.address]
+    finally:
+        server.shutdown(grace=0)
 
 
 def test_a_server_without_worker_metadata_is_left_alone(folder, reference, caplog):
     caplog.set_level(logging.DEBUG, logger="augsvc.client")
-    server = _in_process(folder, None)
-    try:
-        with _loader(server.address, 4) as loader:
-            assert_epoch(list(loader), reference)
-            seen = loader.stats().servers[server.address]
-    finally:
-        server.shutdown(grace=0)
+    seen = _pass_on_one_worker(folder, reference, None, 4)
     assert (seen.workers, seen.redials) == ((), 0)
     assert _redials(caplog) == []
 
@@ -115,13 +118,7 @@ def test_redials_are_bounded_when_the_workers_cannot_be_evened(folder, reference
     """A server whose every call says "worker 0 of 2": worker 1 never gets a stream, so
     each slot re-dials REDIAL_LIMIT times in a row and then stays."""
     caplog.set_level(logging.DEBUG, logger="augsvc.client")
-    server = _in_process(folder, (0, 2))
-    try:
-        with _loader(server.address, 2) as loader:
-            assert_epoch(list(loader), reference)
-            seen = loader.stats().servers[server.address]
-    finally:
-        server.shutdown(grace=0)
+    seen = _pass_on_one_worker(folder, reference, (0, 2), 2)
     assert seen.workers == (2, 0)
     messages = _redials(caplog)
     per_slot = {slot: sum(1 for m in messages if f"-{slot} re-dials" in m) for slot in (0, 1)}
