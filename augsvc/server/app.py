@@ -30,6 +30,7 @@ from augsvc.server.catalog import Catalog, load_catalog
 from augsvc.server.config import ServerConfig, address
 from augsvc.server.decoding import DecodeInHandler
 from augsvc.server.logs import limit_grpc_logs
+from augsvc.server.memory import limit_malloc_arenas
 from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.servicer import AugmentServicer
@@ -81,6 +82,7 @@ class AugmentServer:
     ) -> None:
         self.config = config.validate()
         limit_grpc_logs()
+        limit_malloc_arenas()  # before gRPC's threads: memory a burst frees can go back
         self.catalog = (catalog if catalog is not None
                         else load_catalog(config.datasets, config.stats_files,
                                           allow_outside=config.allow_outside_root))
