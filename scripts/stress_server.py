@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from serverproc import connections_per_worker  # the tests' /proc helper
+
 SERVING = re.compile(r"serving \d+ dataset\(s\) on (\S+):(\d+)")
 SPEC = {"size": (224, 224)}  # the alexnet preset otherwise
 SERVER_LOG = [os.devnull]  # where `augsvc serve` logs (--server-log)
@@ -70,30 +73,6 @@ def children(pid: int) -> list[int]:
                 if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
                     out.append(int(entry))
     return out
-
-
-def _sockets(pid: int) -> set[str]:
-    out = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    out.add(link[8:-1])
-    return out
-
-
-def connections(client: int, workers: list[int], port: int) -> list[int]:
-    """How many TCP connections from process `client` to `port` each worker holds."""
-    ends: dict[str, tuple[int, int]] = {}  # inode -> (local port, remote port)
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                cols = line.split()
-                ends[cols[9]] = (int(cols[1].split(":")[-1], 16), int(cols[2].split(":")[-1], 16))
-    mine = {ends[i][0] for i in _sockets(client) if i in ends and ends[i][1] == port}
-    return [sum(1 for i in _sockets(w) if i in ends and ends[i][0] == port
-                and ends[i][1] in mine) for w in workers]
 
 
 @contextlib.contextmanager
@@ -279,7 +258,7 @@ def loaders(args: argparse.Namespace, data: Path) -> dict:
             if not spread and time.time() > start_at + args.seconds / 2:
                 workers = children(proc.pid)
                 port = int(address.rsplit(":", 1)[1])
-                spread = {p.pid: connections(p.pid, workers, port) for p in procs}
+                spread = {p.pid: connections_per_worker(p.pid, workers, port) for p in procs}
         rates = dict(results.get(timeout=10) for _ in procs)
     for pid in sorted(rates, key=rates.get):
         print(f"  loader {pid}: {rates[pid]:6.1f} img/s, connections per worker "

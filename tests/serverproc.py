@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["SERVING_LINE", "ServerProcess", "child_pids", "running_server"]
+__all__ = ["SERVING_LINE", "ServerProcess", "child_pids", "connections_per_worker",
+           "running_server"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVING_LINE = re.compile(
@@ -56,6 +57,39 @@ def child_pids(pid: int) -> list[int]:
     return sorted(out)
 
 
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    out.add(link[len("socket:["):-1])
+    return out
+
+
+def _tcp_ends() -> dict[str, tuple[int, int]]:
+    """inode -> (local port, remote port) of every established TCP socket."""
+    out = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(name) as table:
+            for row in table.readlines()[1:]:
+                cols = row.split()
+                if cols[3] == "01":  # ESTABLISHED
+                    out[cols[9]] = (int(cols[1].rsplit(":", 1)[1], 16),
+                                    int(cols[2].rsplit(":", 1)[1], 16))
+    return out
+
+
+def connections_per_worker(client: int, workers: Sequence[int], port: int) -> list[int]:
+    """How many established TCP connections from process `client` to `port` each of the
+    processes `workers` holds: the kernel's view, from /proc."""
+    ends = _tcp_ends()
+    mine = {ends[i][0] for i in _socket_inodes(client) if ends.get(i, (0, 0))[1] == port}
+    return [sum(1 for i in _socket_inodes(w) if i in ends and ends[i][0] == port
+                and ends[i][1] in mine) for w in workers]
+
+
 @dataclass
 class ServerProcess:
     """A running `augsvc serve` subprocess."""
@@ -76,6 +110,10 @@ class ServerProcess:
     def pids(self) -> list[int]:
         """The worker processes' pids (live children of the parent process)."""
         return child_pids(self.proc.pid)
+
+    def connections_from(self, client: int) -> list[int]:
+        """`connections_per_worker` of process `client` over `pids()`, in that order."""
+        return connections_per_worker(client, self.pids(), self.port)
 
     def stderr(self) -> str:
         """Everything the server wrote to stderr so far."""

@@ -8,6 +8,10 @@ of batches that the `Schedule` hands out (at most `readahead` ahead of the consu
   every target, resolved again every `resolve_interval` s and soon after a failure.
   A new address gets its streams at once; the streams of an address that left finish
   their call and stop (what they did not deliver goes back to the queue).
+* **Workers.** A server of several worker processes on one port (`augsvc serve
+  --workers N`) names the worker of each call; streams that crowd one worker re-dial
+  between calls until the address's streams are spread evenly over its workers
+  (`augsvc.client.placement`), so that each loader gets its share of every worker.
 * **Supervisor.** A thread checks every stream each WATCH_INTERVAL_S. A stream whose
   call has its status while gRPC's iterator has not returned for STUCK_AFTER_S (a
   grpcio bug: scripts/grpc_stuck_call.py), or that has received nothing for `timeout`
@@ -164,7 +168,7 @@ class Fetcher:
                     continue
                 if self._started:
                     log.info("augsvc server %s joined %s", endpoint.address, endpoint.name)
-                server = self.servers[endpoint.address] = Server(endpoint)
+                server = self.servers[endpoint.address] = Server(endpoint, self.streams_per_server)
                 for slot in range(self.streams_per_server):
                     self._start_stream(Stream(self, server, slot))
             if self.servers:

@@ -28,7 +28,8 @@
   the spec says what happens to each image, the loader which images come in which order.
 * **Fan-out.** `streams_per_server` streams per server address fetch disjoint groups of
   batches; a reorder buffer restores the order, with at most `prefetch` batches
-  requested or held ahead (bounded memory).
+  requested or held ahead (bounded memory). On a server of several worker processes
+  the streams are evened out over its workers (`augsvc.client.placement`).
 * **Failures.** A stream failing with a retryable status (UNAVAILABLE, DEADLINE_EXCEEDED,
   CANCELLED not by us, a reset connection, a broken frame sequence) hands its batches
   back to any other stream (the same bytes, by determinism). A stream whose call has

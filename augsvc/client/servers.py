@@ -29,6 +29,7 @@ from augsvc.client.discovery import (
     resolve_addresses,
 )
 from augsvc.client.errors import FATAL_CODES, AugsvcError, status
+from augsvc.client.placement import Placement
 from augsvc.client.tlsprobe import looks_like_setup_failure, tls_mismatch
 from augsvc.wire._proto import augment_pb2 as pb
 
@@ -61,17 +62,19 @@ def backoff_delay(failures: int) -> float:
 
 
 class Server:
-    """One address's health, shared by its streams: since when it fails and why.
+    """One address's health, shared by its streams: since when it fails and why; and
+    which of its workers the streams landed on (`placement`).
 
     Not a counter that kills it: a failing server keeps being retried (each stream
     backs off on its own); `failing_since` feeds the loader's `reconnect_timeout`.
     """
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, slots: int) -> None:
         self.endpoint = endpoint
         self.target = endpoint.address
         self.failing_since: float | None = None
         self.last_error = ""
+        self.placement = Placement(slots)  # of its `slots` streams
         self._lock = threading.Lock()
 
     def failed(self, reason: str) -> bool:

@@ -23,7 +23,10 @@ class ServerStats:
     `seconds`: wall time during which at least one call to it was running;
     `images_per_s` = images / seconds. `failures`: its calls that failed with a
     retryable status (or were abandoned); `reconnects`: times it answered again
-    after failing.
+    after failing. `workers`: how many of this loader's streams each of the server's
+    worker processes served when last reported (by worker index; () from a server that
+    does not say); `redials`: connections replaced to even them out
+    (`augsvc.client.placement`).
     """
 
     batches: int = 0
@@ -32,6 +35,8 @@ class ServerStats:
     seconds: float = 0.0
     failures: int = 0
     reconnects: int = 0
+    workers: tuple[int, ...] = ()
+    redials: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -73,6 +78,8 @@ class LoaderStats:
 class _ServerTally:
     def __init__(self) -> None:
         self.batches = self.images = self.bytes = self.failures = self.reconnects = 0
+        self.redials = 0
+        self.workers: tuple[int, ...] = ()
         self.seconds = 0.0
         self.active = 0  # calls in flight
         self.busy_since = 0.0
@@ -144,13 +151,22 @@ class StatsRecorder:
             self._server(address).reconnects += 1
             self.reconnects += 1
 
+    def placed(self, address: str, workers: tuple[int, ...]) -> None:
+        """This loader's streams per worker of `address`, as now known."""
+        with self._lock:
+            self._server(address).workers = workers
+
+    def redialed(self, address: str) -> None:
+        with self._lock:
+            self._server(address).redials += 1
+
     def snapshot(self) -> LoaderStats:
         now = time.monotonic()
         with self._lock:
             servers = {
                 address: ServerStats(
                     batches=t.batches, images=t.images, bytes=t.bytes, failures=t.failures,
-                    reconnects=t.reconnects,
+                    reconnects=t.reconnects, workers=t.workers, redials=t.redials,
                     seconds=t.seconds + (now - t.busy_since if t.active else 0.0))
                 for address, t in self._servers.items()
             }

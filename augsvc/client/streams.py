@@ -11,6 +11,13 @@ work again, so a dead or unreachable server holds no batches. Statuses no retry 
 one that waiting fixes (full or draining: `augsvc.client.errors.retry_hint`), which is
 retried like any other failure and counted in `loader.stats().retries`.
 
+Once a call's first frame is in, the stream notes which worker of its server serves it
+(the call's initial metadata, `wire.WORKER_KEY`, read only then: it has arrived by then);
+between two calls it re-dials, on a new connection, when its server's `Placement` says
+that this loader's streams crowd one worker (`augsvc.client.placement`). No batch is
+lost or fetched twice by that: the finished call delivered all its batches, and the next
+one has not started.
+
 Nothing waits on a stream: the `Fetcher`'s supervisor may `abandon` one whose call
 ended without its iterator returning (a grpcio bug, scripts/grpc_stuck_call.py) or
 that went silent, and from then on the stream's thread changes nothing.
@@ -27,6 +34,7 @@ import grpc
 
 from augsvc import wire
 from augsvc.client.errors import AugsvcError, fatal, retry_hint, status
+from augsvc.client.placement import REDIAL_LIMIT
 from augsvc.client.servers import BACKOFF_MAX_S, Server, backoff_delay
 from augsvc.wire._proto import augment_pb2 as pb
 
@@ -68,13 +76,16 @@ class Stream(threading.Thread):
         f = self.fetcher
         try:
             stub = wire.AugmentStub(self.channel)
+            delivered = False  # the last call delivered every batch it asked for
             while self.wanted and not f.schedule.finished:
                 if self.failures and not self._wait_for_server(stub):
                     continue
                 group = f.schedule.take(self, f.group_size, lambda: self.wanted, f.same_epoch)
                 if group is None:
                     return
-                self._fetch(stub, group)
+                if delivered and self._redial():
+                    stub = wire.AugmentStub(self.channel)
+                delivered = self._fetch(stub, group)
         except BaseException as exc:  # a bug here must not leave the consumer waiting
             if not self.abandoned:
                 f.schedule.fail(AugsvcError(f"stream {self.name} crashed: {exc!r}"))
@@ -110,7 +121,36 @@ class Stream(threading.Thread):
         finally:
             probe.cancel()
 
-    def _fetch(self, stub: wire.AugmentStub, group: list[int]) -> None:
+    def _redial(self) -> bool:
+        """Between two calls: replace the connection if the server's worker placement says
+        so (`augsvc.client.placement`); True if it was replaced."""
+        f, placement = self.fetcher, self.server.placement
+        loads = placement.loads()
+        attempt = placement.redial(self.slot)
+        if not attempt:
+            return False
+        log.debug("stream %s re-dials (attempt %d of %d): the workers of %s serve %s of "
+                  "this loader's streams", self.name, attempt, REDIAL_LIMIT,
+                  self.server.target, list(loads))
+        f.channels.replace(self.server.endpoint, self.slot, self.channel)
+        self.channel = f.channels.get(self.server.endpoint, self.slot)
+        f.stats.redialed(self.server.target)
+        return True
+
+    def _landed(self, call: Any) -> None:
+        """After a call's first frame (its initial metadata is in by then): note which
+        worker serves it. Marked as inside gRPC, like `next`, for the supervisor."""
+        self.in_next = True
+        try:
+            worker = wire.parse_worker(call.initial_metadata())
+        finally:
+            self.in_next = False
+        if worker is not None:
+            self.server.placement.landed(self.slot, worker)
+            self.fetcher.stats.placed(self.server.target, self.server.placement.loads())
+
+    def _fetch(self, stub: wire.AugmentStub, group: list[int]) -> bool:
+        """One call for `group`; True if it delivered every batch."""
         f = self.fetcher
         address = self.server.target
         unfinished = list(group)
@@ -127,6 +167,7 @@ class Stream(threading.Thread):
             if f.stop_event.is_set() or self.abandoned:
                 call.cancel()
             assembler = wire.BatchAssembler(f.allocate)
+            first = True
             while True:
                 self.in_next = True
                 try:
@@ -136,7 +177,10 @@ class Stream(threading.Thread):
                 finally:
                     self.in_next = False
                 if self.abandoned:
-                    return
+                    return False
+                if first:
+                    first = False
+                    self._landed(call)
                 self.last_frame = time.monotonic()
                 batch = assembler.feed(frame)
                 if batch is None:
@@ -144,16 +188,17 @@ class Stream(threading.Thread):
                 position = unfinished[0]
                 f.check(batch.header, f.order[position][1], address)
                 if not f.schedule.complete(self, position, f.finish(batch)):
-                    return  # abandoned meanwhile
+                    return False  # abandoned meanwhile
                 unfinished.pop(0)
                 f.stats.received(address, len(batch.array), batch.array.nbytes)
                 self._answered()
             if unfinished:
                 raise wire.WireError(f"the stream ended after {len(group) - len(unfinished)} "
                                      f"of {len(group)} batches")
+            return True
         except grpc.RpcError as err:
             if self.abandoned:
-                return
+                return False
             code, details = status(err)
             if f.stop_event.is_set():
                 f.schedule.requeue(self, unfinished)
@@ -170,6 +215,7 @@ class Stream(threading.Thread):
             with self._lock:
                 self.call = None
             f.stats.call_ended(address)
+        return False
 
     def _answered(self) -> None:
         self.failures = 0

@@ -65,7 +65,8 @@ class AugmentServer:
     `port` and `health_port` override `config.port` and `config.health_port` (0: an
     ephemeral port, see `.port` and `.health_port`, None when there is no health-only
     server). `reuse_port` lets several processes bind the same ports (the workers of
-    `serve`). `catalog` defaults to
+    `serve`); `worker` (index, count) is which of them this one is, sent with every
+    stream (`wire.WORKER_KEY`). `catalog` defaults to
     `load_catalog(config.datasets, config.stats_files)`.
     """
 
@@ -77,6 +78,7 @@ class AugmentServer:
         port: int | None = None,
         health_port: int | None = None,
         reuse_port: bool = False,
+        worker: tuple[int, int] | None = None,
     ) -> None:
         self.config = config.validate()
         limit_grpc_logs()
@@ -103,7 +105,7 @@ class AugmentServer:
         self.servicer = AugmentServicer(self.catalog, self.pool, self.admission,
                                         max_batch_size=config.max_batch_size, cache=cache,
                                         stall_timeout=config.stall_timeout,
-                                        metrics=self.metrics)
+                                        metrics=self.metrics, worker=worker)
         log.debug("memory for prefetched batches: %.0f MiB (--max-memory)", max_memory / 2**20)
         self._executors = [
             futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="augsvc-health"),

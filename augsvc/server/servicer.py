@@ -2,7 +2,9 @@
 
 A StreamBatches call takes a slot (`augsvc.server.admission`; the interceptor refused
 it already if there was none) and is validated completely before any work starts; every
-failure is a gRPC status whose message says what to fix. Its batches not in the batch
+failure is a gRPC status whose message says what to fix. A worker of `augsvc serve` names
+itself in the initial metadata of every call it accepts (`wire.WORKER_KEY`), so that a
+loader can even its connections out over the workers. Its batches not in the batch
 cache go to the shared pipeline of its spec (`augsvc.server.pipelines`), whose scheduler
 makes them, a few ahead, into the stream's queue (`augsvc.server.producer.StreamWork`)
 while the handler thread sends them. The per-stream depth (`--prefetch`), the worker's
@@ -63,7 +65,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
 
     def __init__(self, catalog: Catalog, pool: PipelinePool, admission: Admission, *,
                  max_batch_size: int, cache: BatchCache, stall_timeout: float,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, worker: tuple[int, int] | None = None) -> None:
         self.catalog, self.pool, self.admission, self.cache = catalog, pool, admission, cache
         self.metrics = metrics
         self.orders = OrderCache(plan_budget(len(e.index) for e in catalog.values()))
@@ -72,6 +74,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                                  refused=lambda: admission.refused)
         self.watchdog.start()
         self._force = threading.Event()
+        self._worker = () if worker is None else wire.worker_metadata(*worker)
 
     @property
     def _refusing(self) -> bool:
@@ -148,6 +151,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                                  "code": abort.code.name})
             self.metrics.validation_refusal(abort.code)
             context.abort(abort.code, abort.details[:MAX_DETAILS])
+        if self._worker:
+            context.send_initial_metadata(self._worker)
         req, peer = job.request, context.peer()
         watched = self.watchdog.watch(context)
         progress = {"sent": 0, "failed": False}

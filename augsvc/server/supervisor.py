@@ -19,7 +19,8 @@ Parent (`Supervisor.run`):
 Worker: ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 parent is in charge), gets SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`),
 is pinned to its GPU with `--gpus` (`augsvc.server.gpus`), runs an `AugmentServer` on
-the shared port(s) with its own DALI pipelines. DALI is imported, and CUDA touched, only
+the shared port(s) with its own DALI pipelines, and names itself (slot / processes) in
+each stream's initial metadata (`wire.WORKER_KEY`). DALI is imported, and CUDA touched, only
 in workers: the parent never loads them (CUDA does not survive a fork).
 """
 
@@ -338,7 +339,7 @@ def _worker_main(config: ServerConfig, slot: int, catalog: Catalog, ports: _Port
             config = replace(config, device_id=0)
             log.info("worker %d (pid %d) runs on GPU %d (CUDA_VISIBLE_DEVICES=%s)", slot,
                      os.getpid(), gpu, visible)
-        server = _start_worker_server(config, catalog, ports, conn)
+        server = _start_worker_server(config, slot, catalog, ports, conn)
         if server is None:
             code = 1
         else:
@@ -360,14 +361,14 @@ def _worker_main(config: ServerConfig, slot: int, catalog: Catalog, ports: _Port
         os._exit(code)  # skip interpreter teardown: DALI and gRPC threads need none
 
 
-def _start_worker_server(config: ServerConfig, catalog: Catalog, ports: _Ports,
+def _start_worker_server(config: ServerConfig, slot: int, catalog: Catalog, ports: _Ports,
                          conn: Connection) -> AugmentServer | None:
     """Import DALI (so the first request does not pay for it), bind, start, report."""
     try:
         import nvidia.dali  # noqa: F401
 
         server = AugmentServer(config, catalog, port=ports.port, health_port=ports.health_port,
-                               reuse_port=True).start()
+                               reuse_port=True, worker=(slot, config.processes)).start()
     except ImportError as exc:
         conn.send(("error", f"cannot import DALI ({exc}); install augsvc[server]"))
         return None

@@ -26,11 +26,14 @@ from augsvc.wire.rpc import (
     RETRY_KEY,
     SERVICE_NAME,
     STREAM_BATCHES_METHOD,
+    WORKER_KEY,
     AugmentStub,
     add_augment_servicer,
     channel_options,
+    parse_worker,
     serialize_frame,
     server_options,
+    worker_metadata,
 )
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "RETRY_KEY",
     "SERVICE_NAME",
     "STREAM_BATCHES_METHOD",
+    "WORKER_KEY",
     "Allocate",
     "AssembledBatch",
     "AugmentStub",
@@ -53,7 +57,9 @@ __all__ = [
     "decode_frame",
     "encode_batch",
     "encode_chunks",
+    "parse_worker",
     "resolve_chunk_bytes",
     "serialize_frame",
     "server_options",
+    "worker_metadata",
 ]

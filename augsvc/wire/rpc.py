@@ -20,11 +20,14 @@ __all__ = [
     "RETRY_KEY",
     "SERVICE_NAME",
     "STREAM_BATCHES_METHOD",
+    "WORKER_KEY",
     "AugmentStub",
     "add_augment_servicer",
     "channel_options",
+    "parse_worker",
     "serialize_frame",
     "server_options",
+    "worker_metadata",
 ]
 
 SERVICE_NAME = "augsvc.v1.Augment"
@@ -34,6 +37,10 @@ STREAM_BATCHES_METHOD = f"/{SERVICE_NAME}/StreamBatches"
 # UNAVAILABLE). A client retries such a call later or on another server; a refusal
 # without it (an oversized batch, a bad spec, an unknown dataset) is the request's own.
 RETRY_KEY = "augsvc-retry"
+# Initial metadata of every StreamBatches call that `augsvc serve` answers: which of its
+# worker processes serves the call, "<index>/<count>" (the loader evens its connections
+# out over the workers with it: `augsvc.client.placement`).
+WORKER_KEY = "augsvc-worker"
 
 _channel_ids = itertools.count(1)
 
@@ -62,6 +69,23 @@ def server_options() -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
 
+
+
+def worker_metadata(index: int, count: int) -> tuple[tuple[str, str], ...]:
+    """The initial metadata naming worker `index` of `count`."""
+    return ((WORKER_KEY, f"{index}/{count}"),)
+
+
+def parse_worker(metadata: Any) -> tuple[int, int] | None:
+    """(index, count) from a call's initial metadata; None when it has none, or a value
+    that is not "<index>/<count>" with 0 <= index < count."""
+    for key, value in metadata or ():
+        if key != WORKER_KEY or not isinstance(value, str):
+            continue
+        index, _, count = value.partition("/")
+        if index.isdigit() and count.isdigit() and int(index) < int(count):
+            return int(index), int(count)
+    return None
 
 
 def serialize_frame(frame: bytes | pb.Frame) -> bytes:
