@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -66,6 +67,13 @@ def scrape(server: ServerProcess) -> Samples:
         text = response.read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def settled(server: ServerProcess, quiet_s: float = 0.5) -> Samples | None:
+    """A scrape that another one `quiet_s` later equals (no batch still in flight), or None."""
+    first = scrape(server)
+    time.sleep(quiet_s)
+    return first if scrape(server) == first else None
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
@@ -169,7 +177,8 @@ def test_refusals_and_unsent_batches_are_counted(jpeg_folder: Path) -> None:
                          reason=reason) == expected.get(reason, 0), reason
 
         frames.cancel()
-        ended = wait_for(lambda: (s := scrape(server)) and value(
+        # settled: a batch DALI was still making when the call ended is counted too
+        ended = wait_for(lambda: (s := settled(server)) and value(
             s, "augsvc_streams_total", outcome="cancelled") == 1 and value(
             s, "augsvc_prefetched_bytes") == 0 and s, 10, "the cancelled stream's end")
         counts = {o: value(ended, "augsvc_batches_total", outcome=o) for o in BATCH_OUTCOMES}
