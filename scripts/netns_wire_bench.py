@@ -149,13 +149,15 @@ def replay(args: argparse.Namespace) -> dict:
     --duration s (and at least MIN_IMAGES) once the batches read ahead before the clock
     started are consumed; img/s, images and seconds."""
     from augsvc.client import AugmentLoader
+    from augsvc.client.fetcher import default_readahead
     from augsvc.core.spec import AugmentSpec
 
     spec = AugmentSpec(size=(args.size, args.size))
-    readahead = args.streams * 3  # the loader's default for one server: 2 batches a call + 1
+    per_call = 2  # batches a call (the loader's default)
+    readahead = default_readahead(args.streams, per_call)  # the loader's, for one server
     with AugmentLoader(args.loader, DATASET, spec, batch_size=args.batch_size, tail="pad",
-                       streams_per_server=args.streams, prefetch=readahead,
-                       timeout=120) as loader:
+                       streams_per_server=args.streams, batches_per_request=per_call,
+                       prefetch=readahead, timeout=120) as loader:
         if args.fill:
             return {"images": sum(len(images) for images, _ in loader.epochs(args.epochs))}
 

@@ -42,12 +42,17 @@ from augsvc.client.stats import StatsRecorder
 from augsvc.client.streams import Stream
 from augsvc.wire._proto import augment_pb2 as pb
 
-__all__ = ["STUCK_AFTER_S", "Fetcher"]
+__all__ = ["STUCK_AFTER_S", "Fetcher", "default_readahead"]
 
 log = logging.getLogger("augsvc.client")
 
 STUCK_AFTER_S = 1.0  # a call with a status whose iterator has not returned this long is stuck
 RESOLVE_MIN_GAP_S = 1.0  # re-resolution after a failure: at most this often
+
+
+def default_readahead(streams: int, group_size: int) -> int:
+    """The read-ahead of a pass without `prefetch`: (group_size + 1) batches per live stream."""
+    return max(1, streams) * (group_size + 1)
 
 
 class Fetcher:
@@ -81,7 +86,7 @@ class Fetcher:
         self.streams_per_server, self.group_size = streams_per_server, group_size
         self.allocate, self.finish, self.check = allocate, finish, check
         self._readahead = readahead
-        self.schedule = Schedule(len(order), readahead or group_size + 1)
+        self.schedule = Schedule(len(order), readahead or default_readahead(1, group_size))
         self.stop_event = threading.Event()
         self.discovery = pool.discovery()
         self.servers: dict[str, Server] = {}  # the current replica set, by address
@@ -185,7 +190,7 @@ class Fetcher:
     def _resize(self) -> None:
         if self._readahead is None and self.streams:
             live = sum(not s.retired for s in self.streams)
-            self.schedule.set_readahead(max(1, live) * (self.group_size + 1))
+            self.schedule.set_readahead(default_readahead(live, self.group_size))
 
     def stream_exited(self, stream: Stream) -> None:
         with self._lock:

@@ -89,7 +89,7 @@ from augsvc import wire
 from augsvc.client import memory
 from augsvc.client.discovery import Resolve, resolve_addresses
 from augsvc.client.errors import AugsvcError
-from augsvc.client.fetcher import Fetcher
+from augsvc.client.fetcher import Fetcher, default_readahead
 from augsvc.client.meta import BatchMeta
 from augsvc.client.options import (
     check_choice,
@@ -357,8 +357,8 @@ class AugmentLoader:
         )
         # a device pass's staging ring: the read-ahead the targets as given start with
         # (more replicas found later make spare buffers, dropped again once free)
-        ring = self.prefetch or (self.streams_per_server * len(self.pool.targets)
-                                 * (self.batches_per_request + 1))
+        ring = self.prefetch or default_readahead(
+            self.streams_per_server * len(self.pool.targets), self.batches_per_request)
         allocate, finish = self._output.parts(pin, ring)
         if self._channels is None or self._channels.pid != os.getpid():
             self._channels = ChannelCache(self.pool)

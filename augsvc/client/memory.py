@@ -14,8 +14,9 @@ server does not call it: its sending side showed no gain.
 from __future__ import annotations
 
 import ctypes
-import platform
 import threading
+
+from augsvc.core.glibc import glibc_function
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
 
@@ -38,14 +39,8 @@ def tune_malloc() -> bool:
 
 
 def _apply() -> bool:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

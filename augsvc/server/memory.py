@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Protocol
+
+from augsvc.core.glibc import glibc_function
 
 __all__ = ["ARENAS", "DEFAULT_SHARE", "MIN_DEFAULT", "Charge", "MemoryBudget",
            "available_memory", "default_max_memory", "limit_malloc_arenas",
@@ -129,22 +129,9 @@ class MemoryBudget:
         charge.nbytes = 0
 
 
-@functools.cache
-def _glibc(name: str, *argtypes: type) -> ctypes._CFuncPtr | None:
-    """glibc's function `name` taking `argtypes`, None where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        function = getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = argtypes
-    return function
-
-
 def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
     """Cap glibc's malloc arenas for this process (module doc); False where not done."""
-    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    mallopt = glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None or "MALLOC_ARENA_MAX" in os.environ:
         return False
     return bool(mallopt(_M_ARENA_MAX, arenas))
@@ -156,6 +143,6 @@ def release_free_memory() -> None:
     if dali is not None:
         with contextlib.suppress(Exception):  # no CUDA here, or an older DALI
             dali.ReleaseUnusedMemory()
-    trim = _glibc("malloc_trim", ctypes.c_size_t)
+    trim = glibc_function("malloc_trim", ctypes.c_size_t)
     if trim is not None:
         trim(0)  # ctypes releases the GIL for the call
