@@ -214,17 +214,26 @@ def _check_running(buildah: Buildah, ctr: str, server, name: str, data: Path,
         np.testing.assert_array_equal(labels, w.labels)
         assert images.shape == (BATCH, 64, 64, 3)
         assert np.array_equal(images, w.images), f"batch {meta.index} differs"
+    # the server counts a batch once gRPC has taken its last frame, which can be a moment
+    # after the loader has it: poll until the count settles on the epoch
     url = f"http://127.0.0.1:{server.metrics_port}{exporter.PATH}"  # from the host
-    with urllib.request.urlopen(url, timeout=10) as response:
-        families = text_string_to_metric_families(response.read().decode())
-    sent = {s.labels["dataset"]: s.value for family in families for s in family.samples
-            if s.name == "augsvc_sent_images_total"}
+    deadline = time.monotonic() + 10
+    while (sent := _sent_images(url)) != {name: len(index)} and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert sent == {name: len(index)}
 
     os.kill(parent, signal.SIGTERM)  # what `docker stop` sends the entrypoint
     assert server.proc.wait(60) == 0, server.stderr()
     assert not [p for p in processes if os.path.exists(f"/proc/{p}")]
     assert "Traceback" not in server.stderr()
+
+
+def _sent_images(url: str) -> dict[str, float]:
+    """augsvc_sent_images_total by dataset, scraped from the metrics endpoint at `url`."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return {s.labels["dataset"]: s.value for family in families for s in family.samples
+            if s.name == "augsvc_sent_images_total"}
 
 
 def _comm(pid: int) -> str:
