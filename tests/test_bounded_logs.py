@@ -101,4 +101,4 @@ def test_a_huge_dataset_name_gets_not_found_with_a_short_message(jpeg_folder: Pa
             assert len(info.value.details()) < 400
         log = server.stderr()
     assert len(log) < 10_000
-    assert not any(line.startswith("2026-12-01 00:00:00") for line in log.splitlines())
+    assert not any(line.startswith("2026-12-01 00:00:00 augsvc[1]") for line in log.splitlines())

@@ -79,3 +79,23 @@ def test_a_batch_over_the_limit_fails_at_once_with_the_servers_message(
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "over this server's limit of 4" in str(error) and "--max-batch-size" in str(error)
         assert loader.stats().retries == 0
+
+
+def test_a_server_that_stays_full_fails_the_pass_saying_so(jpeg_folder: Path) -> None:
+    """Busy refusals for all of reconnect_timeout: an error that names the limit, not "no
+    server answered"."""
+    with running_server({"photos": jpeg_folder}, *FAST, "--max-streams", "1",
+                        "--prefetch", "1") as server, connect(server.address) as channel:
+        held = wire.AugmentStub(channel).StreamBatches(
+            stream_request(spec=BIG, batch_size=4, batches=[0, 1, 2] * 10), timeout=120)
+        assert isinstance(next(held), pb.BatchHeader)  # it runs and holds the only slot
+        loader = AugmentLoader([server.address], "photos", SMALL, BATCH, SEED,
+                               streams_per_server=1, reconnect_timeout=2)
+        with loader, pytest.raises(AugsvcError) as info:
+            next(iter(loader))
+        held.cancel()
+        error = info.value
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "every augsvc server refused the streams as full for 2 s" in str(error)
+        assert "--max-streams" in str(error) and server.address in str(error)
+        assert loader.stats().retries >= 1

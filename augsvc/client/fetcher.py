@@ -272,6 +272,13 @@ class Fetcher:
                             + list(self.discovery.errors.values())) or "no address"
         budget = self.pool.reconnect_timeout
         if now - since >= budget:
+            if servers and all(s.busy for s in servers) and not self.discovery.errors:
+                self.schedule.fail(AugsvcError(
+                    f"every augsvc server refused the streams as full for {budget:g} s "
+                    f"(reconnect_timeout): {reasons}; raise their --max-streams, add "
+                    f"replicas, or open fewer streams (streams_per_server)",
+                    code=grpc.StatusCode.RESOURCE_EXHAUSTED))
+                return
             self.schedule.fail(AugsvcError(
                 f"no augsvc server answered for {budget:g} s (reconnect_timeout): {reasons}",
                 code=grpc.StatusCode.UNAVAILABLE))

@@ -74,13 +74,15 @@ class Server:
         self.target = endpoint.address
         self.failing_since: float | None = None
         self.last_error = ""
+        self.busy = False  # its last failure was a "busy" refusal (over its --max-streams)
         self.placement = Placement(slots)  # of its `slots` streams
         self._lock = threading.Lock()
 
-    def failed(self, reason: str) -> bool:
-        """Record a failure; True if the server was answering until now."""
+    def failed(self, reason: str, *, busy: bool = False) -> bool:
+        """Record a failure (`busy`: the server refused the call as full); True if the
+        server was answering until now."""
         with self._lock:
-            self.last_error = reason
+            self.last_error, self.busy = reason, busy
             if self.failing_since is not None:
                 return False
             self.failing_since = time.monotonic()

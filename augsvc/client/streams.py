@@ -207,7 +207,8 @@ class Stream(threading.Thread):
             else:
                 hint = retry_hint(err)
                 self._failed(unfinished, f"{code.name if code else 'UNKNOWN'}"
-                             f"{f' (server {hint})' if hint else ''}: {details}")
+                             f"{f' (server {hint})' if hint else ''}: {details}",
+                             busy=hint == wire.RETRY_BUSY)
         except wire.WireError as err:
             if not self.abandoned:
                 self._failed(unfinished, f"broken stream: {err}")
@@ -224,8 +225,9 @@ class Stream(threading.Thread):
             self.fetcher.stats.reconnected(self.server.target)
             log.info("augsvc server %s answers again (after %.1f s)", self.server.target, down)
 
-    def _failed(self, unfinished: list[int], reason: str) -> None:
-        """Hand the unfinished batches back; note the failure; back off before the next."""
+    def _failed(self, unfinished: list[int], reason: str, *, busy: bool = False) -> None:
+        """Hand the unfinished batches back; note the failure (`busy`: a full server's
+        refusal); back off before the next."""
         f = self.fetcher
         if not unfinished:  # every batch arrived: the next call will tell if the server is gone
             log.info("stream %s ended with %s after its last batch", self.name, reason)
@@ -238,7 +240,7 @@ class Stream(threading.Thread):
                      self.name, reason, batches)
             return
         self.failures += 1
-        if self.server.failed(reason):
+        if self.server.failed(reason, busy=busy):
             log.warning("stream %s failed (%s); batch(es) %s handed back for other streams; "
                         "augsvc server %s is retried with back-off", self.name, reason,
                         batches, self.server.target)

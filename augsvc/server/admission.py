@@ -74,14 +74,15 @@ class Admission:
         if self.refusing:
             self.metrics.refusal("draining")
             return Refused(grpc.StatusCode.UNAVAILABLE,
-                           "the server is shutting down; retry on another server", "draining")
+                           "the server is shutting down; retry on another server",
+                           wire.RETRY_DRAINING)
         if self.active + len(self._pending) >= self.max_streams:
             self.refused += 1
             self.metrics.refusal("max_streams")
             return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"too many concurrent streams: this server process runs at most "
                            f"{self.max_streams}; retry later, use another server, or raise "
-                           f"its --max-streams", "busy")
+                           f"its --max-streams", wire.RETRY_BUSY)
         return None
 
     def admit(self) -> Refused | None:

@@ -23,6 +23,8 @@ from augsvc.wire.frames import (
     resolve_chunk_bytes,
 )
 from augsvc.wire.rpc import (
+    RETRY_BUSY,
+    RETRY_DRAINING,
     RETRY_KEY,
     SERVICE_NAME,
     STREAM_BATCHES_METHOD,
@@ -41,6 +43,8 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
     "MIN_CHUNK_BYTES",
+    "RETRY_BUSY",
+    "RETRY_DRAINING",
     "RETRY_KEY",
     "SERVICE_NAME",
     "STREAM_BATCHES_METHOD",

@@ -17,6 +17,8 @@ from augsvc.wire._proto import augment_pb2_grpc as pb_grpc
 from augsvc.wire.frames import MAX_MESSAGE_BYTES, decode_frame
 
 __all__ = [
+    "RETRY_BUSY",
+    "RETRY_DRAINING",
     "RETRY_KEY",
     "SERVICE_NAME",
     "STREAM_BATCHES_METHOD",
@@ -37,6 +39,7 @@ STREAM_BATCHES_METHOD = f"/{SERVICE_NAME}/StreamBatches"
 # UNAVAILABLE). A client retries such a call later or on another server; a refusal
 # without it (an oversized batch, a bad spec, an unknown dataset) is the request's own.
 RETRY_KEY = "augsvc-retry"
+RETRY_BUSY, RETRY_DRAINING = "busy", "draining"  # its values
 # Initial metadata of every StreamBatches call that `augsvc serve` answers: which of its
 # worker processes serves the call, "<index>/<count>" (the loader evens its connections
 # out over the workers with it: `augsvc.client.placement`).
