@@ -625,10 +625,10 @@ def test_token_file_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     parse = build_parser().parse_args
     monkeypatch.setenv("AUGSVC_TOKEN", "from-env")
     args = parse(["serve", "--dataset", "a=b", "--token-file", str(token_file)])
-    assert _token(args) == TOKEN
+    assert _token(args) is None and args.token_file == token_file  # the file wins over $env
     assert _token(parse(["serve", "--dataset", "a=b"])) == "from-env"
+    assert _token(parse(["serve", "--dataset", "a=b", "--token", "t"])) == "t"
+    with pytest.raises(ValueError, match="not both"):
+        _token(parse(["serve", "--dataset", "a=b", "--token", "t", "--token-file", "f"]))
     monkeypatch.delenv("AUGSVC_TOKEN")
     assert _token(parse(["serve", "--dataset", "a=b"])) is None
-    token_file.write_text("\n")
-    with pytest.raises(ValueError, match="empty"):
-        _token(args)

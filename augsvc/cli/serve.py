@@ -134,9 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="mutual TLS: require client certificates signed by this CA")
     sec.add_argument("--token-file", type=Path, metavar="FILE",
                      help="require metadata 'authorization: Bearer <token>' on augsvc.v1.Augment "
-                     "calls, the token being this file's content (health and reflection stay "
-                     f"open). Preferred, like ${TOKEN_ENV}, which is used when neither this "
-                     "nor --token is given")
+                     "calls, the token being one of this file's lines (health and reflection "
+                     "stay open). The file is read again when it changes (checked at most "
+                     "once a second), so rotate without a restart: write the old and the new "
+                     "token, move the trainers, then write the new one alone. Preferred, like "
+                     f"${TOKEN_ENV}, which is used when neither this nor --token is given")
     sec.add_argument("--token", metavar="TOKEN",
                      help="the bearer token itself; visible to every local user in the process "
                      f"list, so prefer --token-file or ${TOKEN_ENV}")
@@ -196,19 +198,13 @@ def _memory_size(text: str) -> int | None:
 
 
 def _token(args: argparse.Namespace) -> str | None:
+    """The fixed token: --token, else $AUGSVC_TOKEN unless --token-file is given."""
     if args.token_file is not None and args.token is not None:
         raise ValueError("give either --token-file or --token, not both")
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"--token-file: cannot read {args.token_file}: "
-                             f"{exc.strerror or exc}") from exc
-        if not token:
-            raise ValueError(f"--token-file: {args.token_file} is empty")
-        return token
     if args.token is not None:
         return args.token
+    if args.token_file is not None:
+        return None
     return os.environ.get(TOKEN_ENV) or None
 
 
@@ -259,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             token=_token(args),
+            token_file=args.token_file,
             allow_outside_root=args.allow_outside_root,
         ).validate()
         return serve(config)

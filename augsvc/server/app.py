@@ -34,6 +34,7 @@ from augsvc.server.memory import limit_malloc_arenas
 from augsvc.server.metrics import ServerMetrics
 from augsvc.server.pipelines import PipelinePool
 from augsvc.server.servicer import AugmentServicer
+from augsvc.server.tokens import TokenFile
 
 __all__ = ["AugmentServer", "start_server"]
 
@@ -125,8 +126,11 @@ class AugmentServer:
         # through until its handler starts: an unauthenticated flood would fill
         # --max-streams for PENDING_TTL); admission last, on authenticated calls alone.
         interceptors: list[grpc.ServerInterceptor] = [DecodeInHandler()]
-        if config.token:
-            interceptors.append(TokenInterceptor(config.token))
+        if config.token_file is not None:
+            interceptors.append(TokenInterceptor(TokenFile(config.token_file).tokens))
+        elif config.token:
+            fixed = frozenset([config.token.encode()])
+            interceptors.append(TokenInterceptor(lambda: fixed))
         interceptors.append(AdmissionInterceptor(self.admission, wire.STREAM_BATCHES_METHOD))
         self._server = grpc.server(
             self._executors[1],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import grpc
 
@@ -13,11 +13,12 @@ from augsvc.server.logs import request_log
 __all__ = ["TokenInterceptor"]
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """`augsvc.v1.Augment` calls need metadata `authorization: Bearer <token>`
-    (UNAUTHENTICATED otherwise); other services (health, reflection) stay open."""
+    """`augsvc.v1.Augment` calls need metadata `authorization: Bearer <token>`, the token
+    one of what `tokens()` gives at the call (UNAUTHENTICATED otherwise); other services
+    (health, reflection) stay open."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
+    def __init__(self, tokens: Callable[[], Collection[bytes]]) -> None:
+        self._tokens = tokens
         self._prefix = f"/{wire.SERVICE_NAME}/"
 
     def intercept_service(
@@ -32,7 +33,11 @@ class TokenInterceptor(grpc.ServerInterceptor):
             return _deny(details.method, "missing credentials: send metadata "
                          "'authorization: Bearer <token>' with the server's token")
         scheme, _, given = str(values[0]).partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+        offered = given.strip().encode()
+        # a list, not a generator: every token is compared, so the time taken says
+        # nothing of which one came close
+        if scheme.lower() == "bearer" and any(
+                [hmac.compare_digest(offered, token) for token in self._tokens()]):
             return continuation(details)
         return _deny(details.method, "invalid credentials: the bearer token in "
                      "'authorization' metadata does not match the server's token")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from augsvc.server.memory import default_max_memory
+from augsvc.server.tokens import read_tokens
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEVICES", "ServerConfig", "address"]
 
@@ -54,6 +55,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, a client certificate is required
     token: str | None = field(default=None, repr=False)  # bearer token for augsvc.v1.Augment
+    token_file: Path | None = None  # its tokens instead, read again when it changes
     allow_outside_root: bool = False  # serve links / manifest rows resolving outside a root
 
     def validate(self) -> ServerConfig:
@@ -112,6 +114,10 @@ class ServerConfig:
                                        or self.token != self.token.strip()):
             raise ValueError("the token must be non-empty printable text without surrounding "
                              "whitespace")
+        if self.token_file is not None:
+            if self.token is not None:
+                raise ValueError("give either a token or a token file, not both")
+            read_tokens(self.token_file)
         return self
 
     @property
