@@ -148,3 +148,55 @@ def test_chart_png(tmp_path: Path) -> None:
     plot(result, tmp_path / "c.png")
     with Image.open(tmp_path / "c.png") as im:
         assert im.size == (1210, round((0.55 * 9 + 2.2) * 110))
+
+
+def _bench_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "augsvc", "bench", *args], capture_output=True,
+                          text=True, timeout=280, env={**os.environ, **(env or {})})
+
+
+def test_bench_against_a_running_server(jpeg_folder: Path, tmp_path: Path) -> None:
+    """--server: (b) alone, through a real `augsvc serve` that needs a token; the token
+    stays out of the JSON; every other row says why it is missing."""
+    from serverproc import running_server
+
+    token = tmp_path / "token"
+    token.write_text("old-token\nnew-token\n")  # mid-rotation: the newest is the last line
+    with running_server({"photos": jpeg_folder}, "--dali-threads", "1",
+                        "--token-file", str(token)) as server:
+        out = _bench_cli("--server", server.address, "--server-dataset", "photos",
+                         "--duration", "1", "--batch-size", "4", "--size", "32",
+                         "--token-file", str(token), "--json", str(tmp_path / "r.json"),
+                         "--plot", str(tmp_path / "r.png"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["figures"]) == {"b"}
+    fig = result["figures"]["b"]
+    assert fig["img_s"] > 0 and fig["img_cpu_s"] is None
+    assert fig["extra"]["servers"][server.address]["images"] >= fig["extra"]["images"]
+    assert "new-token" not in (tmp_path / "r.json").read_text()
+    assert result["config"]["token"] == "(given)" and result["config"]["dataset"] is None
+    assert "(b) service, end to end (running servers)" in out.stdout
+    assert "ratio" not in out.stdout  # none has both its figures
+    reasons = {r.key: r.text for r in plot_rows(result) if r.img_s is None}
+    assert set(reasons) == {"a", "a0", "b'", "b''", "c", "d", "e0", "e"}
+    assert set(reasons.values()) == {"not measured: --server runs (b) alone"}
+
+
+def test_bench_server_errors_are_clear(jpeg_folder: Path, tmp_path: Path) -> None:
+    from serverproc import running_server
+
+    out = _bench_cli("--server", "127.0.0.1:1")
+    assert out.returncode == 2 and "--server needs --server-dataset NAME" in out.stderr
+    out = _bench_cli("--server-dataset", "photos")
+    assert out.returncode == 2 and "--server-dataset needs --server" in out.stderr
+    (tmp_path / "empty").write_text("\n")
+    out = _bench_cli("--server", "h", "--server-dataset", "x", "--token-file",
+                     str(tmp_path / "empty"))
+    assert out.returncode == 2 and "is empty" in out.stderr
+    with running_server({"photos": jpeg_folder}, "--dali-threads", "1") as server:
+        out = _bench_cli("--server", server.address, "--server-dataset", "nope",
+                         "--duration", "1", "--size", "32")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "augsvc bench: " in out.stderr and "nope" in out.stderr
+    assert "Traceback" not in out.stderr

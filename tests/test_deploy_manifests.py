@@ -171,14 +171,20 @@ def test_compose_names_what_it_declares(compose: dict) -> None:
         assert (DEPLOY / config["file"]).is_file(), config
 
 
-@pytest.mark.parametrize("name", ["server", "server-cpu", "bench", "stats"])
-def test_compose_commands_use_real_flags(compose: dict, name: str, tmp_path: Path) -> None:
+def _compose_args(compose: dict, name: str, image: dict, tmp_path: Path) -> argparse.Namespace:
+    """Service `name`'s augsvc arguments, through the real parser (its @FILE configs read)."""
     service = compose["services"][name]
-    image = image_facts()
     files = {c["target"]: (DEPLOY / compose["configs"][c["source"]]["file"]).read_text()
              for c in service.get("configs", [])}
     argv = service.get("entrypoint", image["entrypoint"])[1:] + service["command"]
-    args = parse(argv, files, tmp_path)
+    return parse(argv, files, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["server", "server-cpu", "bench", "bench-server", "stats"])
+def test_compose_commands_use_real_flags(compose: dict, name: str, tmp_path: Path) -> None:
+    service = compose["services"][name]
+    image = image_facts()
+    args = _compose_args(compose, name, image, tmp_path)
     mounts = {v["target"]: v for v in service["volumes"]}
     gpu = service.get("deploy", {}).get("resources", {}).get("reservations", {})
     assert (getattr(args, "device", None) == "gpu") == bool(gpu), "GPU reserved iff --device gpu"
@@ -203,6 +209,13 @@ def test_compose_commands_use_real_flags(compose: dict, name: str, tmp_path: Pat
         for path in WRITABLE:
             assert path in service["tmpfs"] or mounts[path]["type"] == "volume", path
         assert seconds(service["stop_grace_period"]) >= args.grace + STOP_MARGIN
+    elif args.command == "bench" and args.server:  # against the running `server`
+        host, _, port = args.server[0].rpartition(":")
+        theirs = _compose_args(compose, host, image, tmp_path)
+        assert int(port) == theirs.port and args.server_dataset in _datasets(theirs.dataset)[0]
+        assert service["secrets"] == compose["services"][host]["secrets"]
+        assert str(args.token_file) == str(theirs.token_file)
+        assert under(str(args.json), mounts)["type"] == "bind"
     elif args.command == "bench":
         assert under(str(args.dataset), mounts)["read_only"]
         assert under(str(args.json), mounts)["type"] == "bind"

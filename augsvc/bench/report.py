@@ -95,6 +95,8 @@ def format_table(result: dict) -> str:
             f"{'img/CPU-s':>9}")
     lines = [head, "-" * len(head)]
     lines += [row(Figure(**f)) for f in result["figures"].values()]
+    if result["config"].get("servers"):  # (b) alone: no ratio has both its figures
+        return "\n".join(lines)
     lines.append("")
     for r in RATIOS:
         value = result["ratios"].get(r.name)
@@ -130,7 +132,8 @@ def plot_rows(result: dict) -> list[PlotRow]:
             rows.append(PlotRow(key, kind, None, f["note"] or "not measured", f["label"]))
         else:
             why = f"not measured: skipped (--skip {_step(key)})" if key in skipped else \
-                "not measured in this run"
+                "not measured: --server runs (b) alone" if result["config"].get("servers") \
+                else "not measured in this run"
             rows.append(PlotRow(key, kind, None, why, name))
     return rows
 

@@ -17,6 +17,9 @@
 (a0) plain    (a) without the colour kernel: decode + crop + flip only
 (e0) tf.data  the same TF chain in-process: their engine without their wire
 
+With `servers` (`augsvc bench --server`), only (b) runs: a loader against servers already
+running (a deployment), on one of their datasets; nothing is started here.
+
 Ratios: `augsvc.bench.report.RATIOS`.
 """
 
@@ -33,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,10 +72,21 @@ class BenchConfig:
     baseline_python: str | None = None  # interpreter with torchvision; None: this one if able
     tf_python: str | None = None  # interpreter with TensorFlow; None: this one if able
     skip: tuple[str, ...] = ()  # measurement keys to leave out
+    servers: tuple[str, ...] = ()  # running servers: (b) alone, against them (module docstring)
+    server_dataset: str = "bench"  # the dataset of `servers` to read
+    token: str | None = field(default=None, repr=False)  # for `servers` that need one
+    root_certificates: Path | None = None  # PEM: `servers` speak TLS
+    reconnect_timeout: float = 30.0  # `servers` unreachable this long: the run fails
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run every measurement; return {"config", "figures", "ratios", "machine"}."""
+    if cfg.servers:
+        log(f"[1/1] measuring b against {', '.join(cfg.servers)} (dataset "
+            f"{cfg.server_dataset!r}) ...")
+        figures = {"b": _remote(cfg)}
+        log(f"      {row(figures['b'])}")
+        return _result(cfg, None, figures)
     with tempfile.TemporaryDirectory(prefix="augsvc-bench-") as tmp:
         data = cfg.dataset or _generate(Path(tmp) / "images", cfg.images, cfg.epoch_images, log)
         figures: dict[str, Figure] = {}
@@ -85,12 +99,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             for fig in fn(cfg, data):
                 figures[fig.key] = fig
                 log(f"      {row(fig)}")
-    return {
-        "config": {**asdict(cfg), "spec": cfg.spec.to_dict(), "dataset": str(data)},
-        "machine": _machine(),
-        "figures": {k: asdict(f) for k, f in figures.items()},
-        "ratios": ratios(figures),
-    }
+    return _result(cfg, data, figures)
+
+
+def _result(cfg: BenchConfig, data: Path | None, figures: dict[str, Figure]) -> dict:
+    config = {**asdict(cfg), "spec": cfg.spec.to_dict(), "dataset": data and str(data),
+              "token": "(given)" if cfg.token else None,  # never the token itself
+              "root_certificates": cfg.root_certificates and str(cfg.root_certificates)}
+    return {"config": config, "machine": _machine(),
+            "figures": {k: asdict(f) for k, f in figures.items()}, "ratios": ratios(figures)}
 
 
 # ------------------------------------------------------------------ measurements
@@ -162,6 +179,27 @@ def _service(cfg: BenchConfig, data: Path) -> list[Figure]:
                         _frames(address, cfg, max(epochs_done, 1)), cfg, _image_bytes(cfg.spec),
                         note="protocol level: real server frames, wire.decode_frame, no copy")
     return [b, wire, frames]
+
+
+def _remote(cfg: BenchConfig) -> Figure:
+    """(b) against running servers: the loader end to end, epoch after epoch."""
+    from augsvc.client import AugmentLoader
+
+    loader = AugmentLoader(list(cfg.servers), cfg.server_dataset, cfg.spec,
+                           batch_size=cfg.batch_size, streams_per_server=cfg.streams,
+                           tail="pad", timeout=120, reconnect_timeout=cfg.reconnect_timeout,
+                           token=cfg.token, root_certificates=cfg.root_certificates)
+    with loader:
+        fig = _timed("b", "(b) service, end to end (running servers)",
+                     (len(images) for images, _ in loader.epochs()), cfg,
+                     _image_bytes(cfg.spec))
+        stats = loader.stats()
+    fig.img_cpu_s = None  # only this client's CPU is seen: the servers run elsewhere
+    shares = ", ".join(f"{address} {s.images}" for address, s in stats.servers.items())
+    fig.note = (f"dataset {cfg.server_dataset!r}; images per server since start: {shares}; "
+                f"waited for data {stats.wait_s:.1f} s")
+    fig.extra["servers"] = {address: asdict(s) for address, s in stats.servers.items()}
+    return fig
 
 
 def _frames(address: str, cfg: BenchConfig, epochs: int) -> Generator[int, None, None]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from augsvc.cli._common import add_device_option, add_spec_options, spec_from_args
+from augsvc.cli.serve import TOKEN_ENV
 
 MEASUREMENTS = ("a", "b", "c", "d", "e")
 
@@ -35,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  (a0) the engine without the colour kernel (decode + crop + flip)\n"
         "  (e0) the same tf.data chain in-process\n"
         "and print the ratios (a)/(a0), (b)/(a), (b)/(c), (b')/(c), (b'')/(c), (a)/(d),\n"
-        "(b)/(e) and (a)/(e0), each with its target.",
+        "(b)/(e) and (a)/(e0), each with its target.\n\n"
+        "With --server, only (b) runs: a loader against servers that are already running\n"
+        "(a deployment), on their dataset --server-dataset, with the spec, batch size and\n"
+        "streams given here; nothing is started, and the local options (--dataset,\n"
+        "--images, --workers, --threads, the peers, --skip) do not apply.",
     )
     p.add_argument("--dataset", type=Path, default=None, metavar="PATH",
                    help="image folder or manifest to use (default: crops of real photographs, "
@@ -66,6 +72,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "skipped with a note when it lacks TensorFlow). One line makes one: "
                    "python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install "
                    "'tensorflow-cpu==2.21.*'")
+    remote = p.add_argument_group("against running servers")
+    remote.add_argument("--server", action="append", default=[], metavar="HOST[:PORT]",
+                        help="measure (b) alone against this running server (repeatable; a "
+                        "name is resolved to every address, like AugmentLoader's targets)")
+    remote.add_argument("--server-dataset", metavar="NAME",
+                        help="the dataset to read on --server (required with it)")
+    remote.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="bearer token for --server: the file's last line (default: "
+                        f"${TOKEN_ENV})")
+    remote.add_argument("--root-cert", type=Path, metavar="PEM",
+                        help="--server speaks TLS: trust this CA certificate")
     p.add_argument("--skip", action="append", default=[], choices=MEASUREMENTS,
                    help="leave a measurement out (repeatable)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
@@ -77,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the bench, print the table, write JSON and the plot if asked."""
-    from augsvc import bench
+    from augsvc import AugsvcError, bench
     from augsvc.core.spec import SpecError
 
     if args.plot:
@@ -91,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         spec = spec_from_args(args)
         if args.size:
             spec = spec.replace(size=(args.size, args.size))
-    except SpecError as exc:
+        token = _remote_options(args)
+    except (SpecError, ValueError) as exc:
         print(f"augsvc bench: {exc}", file=sys.stderr)
         return 2
     cfg = bench.BenchConfig(
@@ -99,9 +117,15 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size, duration=args.duration, threads=args.threads,
         workers=args.workers, streams=args.streams, baseline_python=args.baseline_python,
-        tf_python=args.tf_python, skip=tuple(args.skip),
+        tf_python=args.tf_python, skip=tuple(args.skip), servers=tuple(args.server),
+        server_dataset=args.server_dataset or "bench", token=token,
+        root_certificates=args.root_cert,
     )
-    result = bench.run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        result = bench.run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except AugsvcError as exc:  # --server: unreachable, refused, or no such dataset
+        print(f"augsvc bench: {exc}", file=sys.stderr)
+        return 2
     print(bench.format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -110,3 +134,27 @@ def run(args: argparse.Namespace) -> int:
         bench.plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _remote_options(args: argparse.Namespace) -> str | None:
+    """Check the --server options; the token to send (None: none)."""
+    if not args.server:
+        for given, name in ((args.server_dataset, "--server-dataset"),
+                            (args.token_file, "--token-file"), (args.root_cert, "--root-cert")):
+            if given is not None:
+                raise ValueError(f"{name} needs --server")
+        return None
+    if not args.server_dataset:
+        raise ValueError("--server needs --server-dataset NAME (the dataset to read there, "
+                         "as the server's --dataset NAME=PATH names it)")
+    if args.root_cert is not None and not os.access(args.root_cert, os.R_OK):
+        raise ValueError(f"--root-cert: cannot read {args.root_cert}")
+    if args.token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        lines = args.token_file.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--token-file: cannot read {args.token_file}: {exc}") from exc
+    if not lines:
+        raise ValueError(f"--token-file: {args.token_file} is empty")
+    return lines[-1]
