@@ -70,14 +70,38 @@ def test_header_check_takes_a_short_last_batch_with_tail_keep():
         return pb.BatchHeader(batch_index=k, shape=[n, 4, 6, 3], dtype="uint8", layout="NHWC",
                               dropped=[pb.DroppedSample(sample_id=k)] * dropped)
 
-    loader._check(header(1, 4), 1, "s", shard)
-    loader._check(header(2, 3), 2, "s", shard)
-    loader._check(header(2, 2, dropped=1), 2, "s", shard)
+    loader._check(header(1, 4), 1, "s", shard, {})
+    loader._check(header(2, 3), 2, "s", shard, {})
+    loader._check(header(2, 2, dropped=1), 2, "s", shard, {})
     for k, n in ((2, 4), (1, 3)):
         with pytest.raises(wire.WireError, match=f"length of batch {k}"):
-            loader._check(header(k, n), k, "s", shard)
+            loader._check(header(k, n), k, "s", shard, {})
     with pytest.raises(wire.WireError, match="length of batch 1"):  # drop_last: all full
-        _loader(batch_size=4)._check(header(1, 3), 1, "s", Sharding(NUM_SAMPLES, 4, 2))
+        _loader(batch_size=4)._check(header(1, 3), 1, "s", Sharding(NUM_SAMPLES, 4, 2), {})
+
+
+def test_header_check_holds_a_pass_to_one_set_of_statistics():
+    """Fancy PCA or normalize: every batch of a pass made with the first batch's statistics
+    (AugsvcError, not a retry); a spec that uses none takes any."""
+    shard = Sharding(NUM_SAMPLES, 2, 2)
+
+    def header(k, source, digest, dtype="uint8"):
+        return pb.BatchHeader(batch_index=k, shape=[2, 4, 6, 3], dtype=dtype, layout="NHWC",
+                              stats_source=source, stats_digest=digest)
+
+    for spec in (SPEC.replace(pca=True), SPEC.replace(normalize=True, dtype="float32")):
+        loader, first, dtype = _loader(spec=spec), {}, spec.dtype
+        loader._check(header(0, "dataset", "aa", dtype), 0, "a:1", shard, first)
+        loader._check(header(1, "dataset", "aa", dtype), 1, "b:1", shard, first)
+        for source, digest in (("imagenet", "bb"), ("dataset", "cc")):
+            with pytest.raises(AugsvcError, match="statistics of dataset 'photos' differ") as info:
+                loader._check(header(2, source, digest, dtype), 2, "b:1", shard, first)
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "a:1 made batches with 'dataset' statistics (aa)" in str(info.value)
+        loader._check(header(2, "imagenet", "bb", dtype), 2, "c:1", shard, {})  # a new pass
+    plain, first = _loader(), {}
+    plain._check(header(0, "dataset", "aa"), 0, "a:1", shard, first)
+    plain._check(header(1, "imagenet", "bb"), 1, "b:1", shard, first)
 
 
 # ---------------------------------------------------------------------------

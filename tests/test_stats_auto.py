@@ -155,3 +155,43 @@ def test_dataset_option_errors(item: str) -> None:
     items = [item, "a=/other"] if item == "a=/d/x,stats=s" else [item]
     with pytest.raises(ValueError, match="--dataset"):
         _datasets(items)
+
+
+def test_every_header_carries_the_statistics_digest(server: ServerProcess,
+                                                    stats_elsewhere: Path) -> None:
+    assert batch(server, "plain").header.stats_digest == IMAGENET.digest
+    assert batch(server, "elsewhere").header.stats_digest == load(stats_elsewhere).digest
+    assert IMAGENET.digest != load(stats_elsewhere).digest and len(IMAGENET.digest) == 16
+    moved = DatasetStats.from_moments(IMAGENET.mean + 1e-12, IMAGENET.cov, 1, 1, "x")
+    assert moved.digest != IMAGENET.digest  # any change of a value used changes it
+
+
+def test_servers_with_different_statistics_fail_the_pass_before_mixing(
+        server: ServerProcess, jpeg_folder: Path, stats_elsewhere: Path) -> None:
+    """One replica with the dataset's statistics file, one without (the ImageNet preset):
+    fancy PCA would differ by server, so the pass fails, naming both; a spec that uses no
+    statistics is served by both."""
+    from augsvc import AugsvcError
+    from augsvc.client import AugmentLoader
+
+    with running_server({"plain": f"{jpeg_folder},stats={stats_elsewhere}"},
+                        "--dali-threads", "1") as other:
+        servers = [server.address, other.address]
+        pca = SPEC.replace(pca=True, normalize=False, dtype="uint8")
+        loader = AugmentLoader(servers, "plain", pca, 1, seed=3, streams_per_server=1,
+                               batches_per_request=1, return_meta=True)
+        with loader, pytest.raises(AugsvcError) as info:
+            list(loader)
+        error = info.value
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "statistics of dataset 'plain' differ" in str(error)
+        assert all(address in str(error) for address in servers)
+        assert IMAGENET.digest in str(error) and load(stats_elsewhere).digest in str(error)
+
+        plain = SPEC.replace(pca=False, normalize=False, dtype="uint8")
+        with AugmentLoader(servers, "plain", plain, 1, seed=3, streams_per_server=1,
+                           batches_per_request=1) as loader:
+            got = list(loader)
+        assert len(got) == 12
+        per_server = loader.stats().servers
+        assert len(per_server) == 2 and all(s.images > 0 for s in per_server.values())

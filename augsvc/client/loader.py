@@ -363,6 +363,7 @@ class AugmentLoader:
         if self._channels is None or self._channels.pid != os.getpid():
             self._channels = ChannelCache(self.pool)
         sharding = self._sharding()
+        first: dict[str, tuple[str, str, str]] = {}  # the pass's first statistics seen
         return Fetcher(
             self.pool, request, order,
             channels=self._channels,
@@ -371,13 +372,15 @@ class AugmentLoader:
             readahead=self.prefetch,
             allocate=allocate,
             finish=finish,
-            check=lambda header, k, server: self._check(header, k, server, sharding),
+            check=lambda header, k, server: self._check(header, k, server, sharding, first),
             stats=self._stats,
         )
 
     def _check(self, header: pb.BatchHeader, expected: int, server: str,
-               sharding: Sharding) -> None:
-        """A header must answer what was asked (raises WireError: the stream is retried)."""
+               sharding: Sharding, first: dict[str, tuple[str, str, str]]) -> None:
+        """A header must answer what was asked (raises WireError: the stream is retried),
+        with the statistics of the pass's first batch when the spec uses them (raises
+        AugsvcError: no retry mends a server's other statistics file)."""
         spec = self.spec
         h, w = spec.size
         shape = tuple(header.shape)
@@ -395,6 +398,18 @@ class AugmentLoader:
                             f"{length}, the length of batch {expected}")
         if problems:
             raise wire.WireError(f"{server}: " + "; ".join(problems))
+        if spec.pca or spec.normalize:
+            source, digest, where = first.setdefault(
+                "stats", (header.stats_source, header.stats_digest, server))
+            if (source, digest) != (header.stats_source, header.stats_digest):
+                raise AugsvcError(
+                    f"the servers' statistics of dataset {self.dataset!r} differ, so their "
+                    f"batches would too ({'fancy PCA' if spec.pca else 'normalize'} uses "
+                    f"them): {where} made batches with {source!r} statistics ({digest}), "
+                    f"{server} with {header.stats_source!r} ({header.stats_digest}). Give "
+                    f"every server the same statistics file (augsvc stats PATH, or "
+                    f"--dataset NAME=PATH,stats=FILE)",
+                    code=grpc.StatusCode.FAILED_PRECONDITION, server=server)
 
     # -- PyTorch --------------------------------------------------------------------
 

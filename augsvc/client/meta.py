@@ -22,6 +22,7 @@ class BatchMeta:
     dropped: tuple[DroppedSample, ...] = ()
     substituted: tuple[Substitution, ...] = ()  # corrupt samples whose rows hold a stand-in
     stats_source: str = ""  # the statistics the server used: "dataset" or "imagenet"
+    stats_digest: str = ""  # their values' fingerprint (`DatasetStats.digest`)
 
 
 def batch_meta(batch: wire.AssembledBatch) -> BatchMeta:
@@ -35,4 +36,5 @@ def batch_meta(batch: wire.AssembledBatch) -> BatchMeta:
         substituted=tuple(Substitution(s.row, s.sample_id, s.path, s.reason, s.substitute_id)
                           for s in header.substituted),
         stats_source=header.stats_source,
+        stats_digest=header.stats_digest,
     )

@@ -212,6 +212,10 @@ class Stream(threading.Thread):
         except wire.WireError as err:
             if not self.abandoned:
                 self._failed(unfinished, f"broken stream: {err}")
+        except AugsvcError as err:  # the check found what no retry mends
+            self.cancel()
+            if not self.abandoned:
+                f.schedule.fail(err)
         finally:
             with self._lock:
                 self.call = None

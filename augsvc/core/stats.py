@@ -26,6 +26,8 @@ Unknown keys, a missing key or another `format` are errors (StatsError).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -95,6 +97,15 @@ class DatasetStats:
         eigvecs = eigvecs * np.sign(eigvecs[pivot, np.arange(3)])[None, :]
         std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
         return cls(mean, std, cov, eigvals, eigvecs, int(num_images), int(num_pixels), source)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """16 hex digits of the SHA-256 of mean, std, eigvals and eigvecs (little-endian
+        float64): what the augmentations use, so equal digests make equal batches."""
+        sha = hashlib.sha256()
+        for values in (self.mean, self.std, self.eigvals, self.eigvecs):
+            sha.update(np.ascontiguousarray(values, dtype="<f8").tobytes())
+        return sha.hexdigest()[:16]
 
     def pca_basis(self) -> tuple[np.ndarray, np.ndarray]:
         """(eigvecs, eigvals), what `augsvc.core.draws.draw_params` takes as `pca_basis`."""

@@ -202,5 +202,5 @@ def _encode(job: Job, k: int, result: AugmentedBatch) -> tuple[bytes, ...]:
         result.images, batch_index=k, layout=job.request.spec.layout, labels=result.labels,
         sample_ids=result.sample_ids, draw_ids=result.draw_ids, dropped=result.dropped,
         substituted=result.substituted, stats_source=job.stats_source,
-        chunk_bytes=job.chunk_bytes,
+        stats_digest=job.stats.digest, chunk_bytes=job.chunk_bytes,
     ))

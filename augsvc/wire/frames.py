@@ -107,6 +107,7 @@ def batch_header(
     dropped: Iterable[Any] = (),
     substituted: Iterable[Any] = (),
     stats_source: str = "",
+    stats_digest: str = "",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> pb.BatchHeader:
     """The BatchHeader describing `payload` sent in chunks of `chunk_bytes`.
@@ -142,6 +143,7 @@ def batch_header(
                                      path=str(s.path), reason=str(s.reason),
                                      substitute_id=int(s.substitute_id)) for s in substituted],
         stats_source=stats_source,
+        stats_digest=stats_digest,
         **lists,
     )
 
@@ -177,6 +179,7 @@ def encode_batch(
     dropped: Iterable[Any] = (),
     substituted: Iterable[Any] = (),
     stats_source: str = "",
+    stats_digest: str = "",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[bytes]:
     """The serialized Frames of one batch: the header (see `batch_header`), then the chunks.
@@ -187,7 +190,7 @@ def encode_batch(
     header = batch_header(
         payload, batch_index=batch_index, layout=layout, labels=labels,
         sample_ids=sample_ids, draw_ids=draw_ids, dropped=dropped, substituted=substituted,
-        stats_source=stats_source, chunk_bytes=chunk_bytes,
+        stats_source=stats_source, stats_digest=stats_digest, chunk_bytes=chunk_bytes,
     )
     view = _payload_view(payload)
     header_frame = pb.Frame(header=header).SerializeToString()

@@ -181,7 +181,7 @@ class Frame(_message.Message):
     def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch_index", "shape", "dtype", "layout", "labels", "sample_ids", "draw_ids", "payload_bytes", "num_chunks", "dropped", "substituted", "stats_source")
+    __slots__ = ("batch_index", "shape", "dtype", "layout", "labels", "sample_ids", "draw_ids", "payload_bytes", "num_chunks", "dropped", "substituted", "stats_source", "stats_digest")
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class BatchHeader(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     SUBSTITUTED_FIELD_NUMBER: _ClassVar[int]
     STATS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     batch_index: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -206,7 +207,8 @@ class BatchHeader(_message.Message):
     dropped: _containers.RepeatedCompositeFieldContainer[DroppedSample]
     substituted: _containers.RepeatedCompositeFieldContainer[Substitution]
     stats_source: str
-    def __init__(self, batch_index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., draw_ids: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[DroppedSample, _Mapping]]] = ..., substituted: _Optional[_Iterable[_Union[Substitution, _Mapping]]] = ..., stats_source: _Optional[str] = ...) -> None: ...
+    stats_digest: str
+    def __init__(self, batch_index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., draw_ids: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[DroppedSample, _Mapping]]] = ..., substituted: _Optional[_Iterable[_Union[Substitution, _Mapping]]] = ..., stats_source: _Optional[str] = ..., stats_digest: _Optional[str] = ...) -> None: ...
 
 class Substitution(_message.Message):
     __slots__ = ("row", "sample_id", "path", "reason", "substitute_id")
