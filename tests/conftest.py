@@ -19,12 +19,19 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# gRPC core's own INFO lines ("Got goaway" when a test stops a server under a call) off
+# pytest's output, as augsvc.client.quiet keeps them off a trainer's: grpcio reads this
+# once, when first imported, and test modules import grpc before any augsvc module does.
+# tests/test_quiet_logs.py runs its trainers without it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from augsvc.engine.synth import make_dataset
 
