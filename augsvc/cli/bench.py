@@ -151,10 +151,6 @@ def _remote_options(args: argparse.Namespace) -> str | None:
         raise ValueError(f"--root-cert: cannot read {args.root_cert}")
     if args.token_file is None:
         return os.environ.get(TOKEN_ENV) or None
-    try:
-        lines = args.token_file.read_text(encoding="utf-8").split()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--token-file: cannot read {args.token_file}: {exc}") from exc
-    if not lines:
-        raise ValueError(f"--token-file: {args.token_file} is empty")
-    return lines[-1]
+    from augsvc.server.tokens import token_lines  # the server's own reading of the file
+
+    return token_lines(args.token_file)[-1]

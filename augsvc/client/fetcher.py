@@ -273,15 +273,16 @@ class Fetcher:
         budget = self.pool.reconnect_timeout
         if now - since >= budget:
             if servers and all(s.busy for s in servers) and not self.discovery.errors:
-                self.schedule.fail(AugsvcError(
+                error = AugsvcError(
                     f"every augsvc server refused the streams as full for {budget:g} s "
                     f"(reconnect_timeout): {reasons}; raise their --max-streams, add "
                     f"replicas, or open fewer streams (streams_per_server)",
-                    code=grpc.StatusCode.RESOURCE_EXHAUSTED))
-                return
-            self.schedule.fail(AugsvcError(
-                f"no augsvc server answered for {budget:g} s (reconnect_timeout): {reasons}",
-                code=grpc.StatusCode.UNAVAILABLE))
+                    code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+            else:
+                error = AugsvcError(f"no augsvc server answered for {budget:g} s "
+                                    f"(reconnect_timeout): {reasons}",
+                                    code=grpc.StatusCode.UNAVAILABLE)
+            self.schedule.fail(error)
         elif self._waiting_since is None:
             self._waiting_since = since
             log.warning("no augsvc server answers (%s); waiting up to %g s for one to come "

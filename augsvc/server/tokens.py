@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["RECHECK_S", "TokenFile", "read_tokens"]
+__all__ = ["RECHECK_S", "TokenFile", "read_tokens", "token_lines"]
 
 log = logging.getLogger("augsvc.server")
 
@@ -28,6 +28,12 @@ _Stamp = tuple[int, int, int, int, int]
 
 def read_tokens(path: Path) -> frozenset[bytes]:
     """The tokens in `path`, or ValueError saying why there are none."""
+    return frozenset(token.encode() for token in token_lines(path))
+
+
+def token_lines(path: Path) -> list[str]:
+    """The tokens in `path` in file order (the newest last, by the rotation's rule), or
+    ValueError saying why there are none."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -39,7 +45,7 @@ def read_tokens(path: Path) -> frozenset[bytes]:
     for number, token in enumerate(tokens, 1):
         if not token.isprintable():
             raise ValueError(f"--token-file: {path}: token {number} is not printable text")
-    return frozenset(token.encode() for token in tokens)
+    return tokens
 
 
 def _stamp(path: Path) -> _Stamp | None:
